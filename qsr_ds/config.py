@@ -1,0 +1,214 @@
+"""The "qsr" section of a DeepSpeed JSON file, as a typed, validated dataclass.
+
+Every bad input raises one QSRConfigError that names the key and the file, before any
+process-group traffic.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .schedule import RULES, ScheduleError, SyncSchedule
+
+AVERAGE_CHOICES = ("params", "buffers", "exp_avg", "exp_avg_sq", "momentum")
+KERNEL_CHOICES = ("auto", "triton", "cpp", "torch")
+
+
+class QSRConfigError(ValueError):
+    """A "qsr" config section that cannot be used, with the key and file named."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class QSRConfig:
+    """Settings of local training with the Quadratic Synchronization Rule."""
+
+    rule: str = "qsr"
+    """qsr | constant | linear | cubic | post_local."""
+    h_base: int = 4
+    """Smallest number of local steps per round (the constant rule's H)."""
+    alpha: float = 0.0
+    """QSR growth coefficient: H = floor((alpha / lr) ** gamma); 0 means constant H."""
+    gamma: float | None = None
+    """Exponent; None takes the rule's own (qsr 2, linear 1, cubic 3)."""
+    warmup_steps: int = 0
+    """H = h_base while fewer steps than this are completed."""
+    total_steps: int = 1
+    """Optimizer steps in the whole run; training ends on an average at this step."""
+    switch_step: int | None = None
+    """post_local only: H = 1 before this step, h_base after."""
+    ranks_per_replica: int = 1
+    """S, ranks inside one replica (ZeRO / FSDP shard over them); R = world_size / S."""
+    average: tuple[str, ...] = ("params",)
+    """What replicas average at a boundary: params, plus buffers, exp_avg, exp_avg_sq, momentum."""
+    bucket_mb: float = 64.0
+    """Size of one communication bucket in MiB of fp32."""
+    kernel: str = "auto"
+    """Pack/unpack back-end: auto | triton | cpp | torch."""
+    check_finite: bool = True
+    """Refuse to average (raise, nothing written) when any replica holds NaN or Inf."""
+    timeout_s: float = 600.0
+    """Timeout of the replica group's collectives; a dead replica fails instead of hanging."""
+    source: str = field(default="<dict>", compare=False)
+    """Where the section came from, for error messages (not a config key)."""
+
+    def schedule(self) -> SyncSchedule:
+        return SyncSchedule(
+            rule=self.rule,
+            h_base=self.h_base,
+            alpha=self.alpha,
+            gamma=self.gamma,
+            warmup_steps=self.warmup_steps,
+            total_steps=self.total_steps,
+            switch_step=self.switch_step,
+        )
+
+    def num_replicas(self, world_size: int) -> int:
+        """R for a world size; a world size that S does not divide is an error."""
+        if world_size % self.ranks_per_replica:
+            raise QSRConfigError(
+                f"{self.source}: qsr.ranks_per_replica={self.ranks_per_replica} does not divide "
+                f"the world size {world_size}"
+            )
+        return world_size // self.ranks_per_replica
+
+    @property
+    def averages(self) -> frozenset[str]:
+        return frozenset(self.average)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source"}
+        out["average"] = list(self.average)
+        return out
+
+
+_KEYS = tuple(f.name for f in dataclasses.fields(QSRConfig) if f.name != "source")
+_INT_KEYS = {"h_base", "warmup_steps", "total_steps", "ranks_per_replica"}
+_NUMBER_KEYS = {"alpha", "bucket_mb", "timeout_s"}
+_OPTIONAL_INT_KEYS = {"switch_step"}
+_OPTIONAL_NUMBER_KEYS = {"gamma"}
+
+
+def _fail(source: str, key: str, message: str) -> QSRConfigError:
+    return QSRConfigError(f"{source}: qsr.{key}: {message}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_types(section: dict, source: str) -> None:
+    for key, value in section.items():
+        if key in _INT_KEYS and not _is_int(value):
+            raise _fail(source, key, f"expected an integer, got {type(value).__name__} {value!r}")
+        if key in _OPTIONAL_INT_KEYS and value is not None and not _is_int(value):
+            raise _fail(source, key, f"expected an integer or null, got {type(value).__name__} {value!r}")
+        if key in _NUMBER_KEYS and not _is_number(value):
+            raise _fail(source, key, f"expected a number, got {type(value).__name__} {value!r}")
+        if key in _OPTIONAL_NUMBER_KEYS and value is not None and not _is_number(value):
+            raise _fail(source, key, f"expected a number or null, got {type(value).__name__} {value!r}")
+        if key in ("rule", "kernel") and not isinstance(value, str):
+            raise _fail(source, key, f"expected a string, got {type(value).__name__} {value!r}")
+        if key == "check_finite" and not isinstance(value, bool):
+            raise _fail(source, key, f"expected true or false, got {value!r}")
+        if key == "average" and not (
+            isinstance(value, list) and all(isinstance(v, str) for v in value)
+        ):
+            raise _fail(source, key, f"expected a list of strings, got {value!r}")
+
+
+def _check_values(section: dict, source: str) -> None:
+    checks = {
+        "h_base": (lambda v: v >= 1, "must be >= 1"),
+        "alpha": (lambda v: v >= 0 and v == v and v != float("inf"), "must be a finite number >= 0"),
+        "gamma": (lambda v: v is None or (v > 0 and v != float("inf")), "must be > 0"),
+        "warmup_steps": (lambda v: v >= 0, "must be >= 0"),
+        "total_steps": (lambda v: v >= 1, "must be >= 1"),
+        "switch_step": (lambda v: v is None or v >= 0, "must be >= 0"),
+        "ranks_per_replica": (lambda v: v >= 1, "must be >= 1"),
+        "bucket_mb": (lambda v: v > 0, "must be > 0"),
+        "timeout_s": (lambda v: v > 0, "must be > 0"),
+    }
+    for key, (ok, why) in checks.items():
+        if key in section and not ok(section[key]):
+            raise _fail(source, key, f"{why}, got {section[key]!r}")
+    if "rule" in section and section["rule"] not in RULES:
+        raise _fail(source, "rule", f"unknown rule {section['rule']!r}; expected one of {', '.join(RULES)}")
+    if "kernel" in section and section["kernel"] not in KERNEL_CHOICES:
+        raise _fail(source, "kernel", f"unknown kernel {section['kernel']!r}; expected one of {', '.join(KERNEL_CHOICES)}")
+    for item in section.get("average", []):
+        if item not in AVERAGE_CHOICES:
+            raise _fail(source, "average", f"unknown entry {item!r}; expected some of {', '.join(AVERAGE_CHOICES)}")
+    if "average" in section and "params" not in section["average"]:
+        raise _fail(source, "average", "must include 'params' (parameters are always averaged)")
+    if section.get("rule") == "post_local" and section.get("switch_step") is None:
+        raise _fail(source, "switch_step", "the post_local rule needs switch_step (the step where H becomes h_base)")
+
+
+def from_dict(section: Any, source: str = "<dict>") -> QSRConfig:
+    """Validate a "qsr" section (the dict under the "qsr" key)."""
+    if not isinstance(section, dict):
+        raise QSRConfigError(f"{source}: the \"qsr\" section must be a JSON object, got {type(section).__name__}")
+    for key in section:
+        if key not in _KEYS:
+            close = difflib.get_close_matches(str(key), _KEYS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(_KEYS)}"
+            raise _fail(source, key, f"unknown key{hint}")
+    _check_types(section, source)
+    _check_values(section, source)
+    values = dict(section)
+    if "average" in values:
+        values["average"] = tuple(dict.fromkeys(values["average"]))
+    for key in ("alpha", "bucket_mb", "timeout_s"):
+        if key in values:
+            values[key] = float(values[key])
+    if values.get("gamma") is not None:
+        values["gamma"] = float(values["gamma"])
+    config = QSRConfig(source=source, **values)
+    try:
+        config.schedule()
+    except ScheduleError as err:
+        raise QSRConfigError(f"{source}: qsr: {err}") from None
+    return config
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON file as a dict, with a QSRConfigError naming the file, line and column."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise QSRConfigError(f"{path}: config file not found") from None
+    except OSError as err:
+        raise QSRConfigError(f"{path}: cannot read config file: {err.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise QSRConfigError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise QSRConfigError(f"{path}: a DeepSpeed config must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load(config: str | os.PathLike | dict, *, required: bool = True) -> QSRConfig | None:
+    """The "qsr" section of a DeepSpeed config given as a path or an already-loaded dict.
+
+    Returns None when the section is absent and ``required`` is False.
+    """
+    if isinstance(config, dict):
+        data, source = config, "<config dict>"
+    else:
+        data, source = read_json(config), os.fspath(config)
+    if "qsr" not in data:
+        if required:
+            raise QSRConfigError(f"{source}: no \"qsr\" section; add one (see the README's config reference)")
+        return None
+    return from_dict(data["qsr"], source)
