@@ -1,0 +1,304 @@
+"""Average this rank's tensors with the same rank of every other replica.
+
+A round: one tiny header all-gather over the world (layout fingerprint, first non-finite
+tensor, step count) so that every rank agrees to go on or raises the same error before
+anything is written; then large contiguous fp32 tensors are all-reduced in place (zero
+copy) and everything else is packed into fp32 buckets pre-scaled by 1/R, all-reduced
+(SUM) over the replica group and unpacked. Bucket i's all-reduce runs while bucket i+1
+packs; two buckets of scratch per device at most.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .kernels import get_backend
+from .topology import Topology
+
+FP32_BYTES = 4
+
+
+class ReplicaMismatchError(RuntimeError):
+    """Replicas disagree (tensor layout, step count) or hold NaN/Inf; nothing was written."""
+
+
+@dataclass
+class RoundStats:
+    """What one sync round did on this rank."""
+
+    bytes: int = 0
+    """fp32 bytes this rank all-reduced over its replica group."""
+    tensors: int = 0
+    buckets: int = 0
+    in_place: int = 0
+    """Tensors all-reduced in place (zero copy) rather than packed."""
+    pack_s: float = 0.0
+    comm_s: float = 0.0
+    """Time waiting on all-reduces (the rest overlaps with packing)."""
+    unpack_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass
+class AveragerTotals:
+    rounds: int = 0
+    bytes: int = 0
+    pack_s: float = 0.0
+    comm_s: float = 0.0
+    unpack_s: float = 0.0
+    total_s: float = 0.0
+
+    def add(self, stats: RoundStats) -> None:
+        self.rounds += 1
+        self.bytes += stats.bytes
+        for key in ("pack_s", "comm_s", "unpack_s", "total_s"):
+            setattr(self, key, getattr(self, key) + getattr(stats, key))
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: Mapping) -> None:
+        for key, value in state.items():
+            setattr(self, key, type(getattr(self, key))(value))
+
+
+@dataclass
+class _Bucket:
+    device: torch.device
+    sources: list[Tensor] = field(default_factory=list)
+    copies: list[Tensor | None] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    numel: int = 0
+
+
+def _flat_chunks(tensor: Tensor, chunk: int) -> list[Tensor]:
+    if not tensor.is_contiguous() or tensor.numel() <= chunk:
+        return [tensor]
+    flat = tensor.view(-1)
+    return [flat[i : i + chunk] for i in range(0, flat.numel(), chunk)]
+
+
+def layout_of(named: Sequence[tuple[str, Tensor]]) -> list[tuple[str, tuple, str]]:
+    return [(name, tuple(t.shape), str(t.dtype).replace("torch.", "")) for name, t in named]
+
+
+def fingerprint(layout: Iterable[tuple]) -> int:
+    digest = hashlib.sha256(repr(list(layout)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 62) - 1)
+
+
+class ReplicaAverager:
+    """Averages a fixed set of tensors over ``topology.replica_group``.
+
+    ``tensors``: (name, tensor) pairs in the same order on every replica. ``copies``
+    maps a name to a low-precision model copy refreshed from the averaged value in the
+    same unpack pass (e.g. the bf16 parameter of an fp32 master).
+    """
+
+    def __init__(
+        self,
+        tensors: Sequence[tuple[str, Tensor]],
+        *,
+        topology: Topology,
+        copies: Mapping[str, Tensor] | None = None,
+        bucket_mb: float = 64.0,
+        kernel: str = "auto",
+        check_finite: bool = True,
+    ) -> None:
+        self.topology = topology
+        self.named = [(str(n), t) for n, t in tensors]
+        copies = dict(copies or {})
+        unknown = set(copies) - {n for n, _ in self.named}
+        if unknown:
+            raise ValueError(f"copies name tensors that are not averaged: {sorted(unknown)}")
+        for name, t in self.named:
+            if not t.is_floating_point():
+                raise TypeError(f"cannot average {name}: dtype {t.dtype} is not floating point")
+            if name in copies and copies[name].shape != t.shape:
+                raise ValueError(f"copy of {name} has shape {tuple(copies[name].shape)}, expected {tuple(t.shape)}")
+        self.check_finite = check_finite
+        self.layout = layout_of(self.named)
+        self.fingerprint = fingerprint(self.layout)
+        self.bucket_numel = max(1, int(bucket_mb * 2**20) // FP32_BYTES)
+        self.in_place: list[Tensor] = []
+        self.buckets: list[_Bucket] = []
+        self._plan(copies)
+        devices = {t.device for _, t in self.named} or {torch.device("cpu")}
+        self.backends = {d: get_backend(kernel, d) for d in devices}
+        self.kernel_names = sorted({b.name for b in self.backends.values()})
+        self._scratch: dict[torch.device, list[Tensor]] = {}
+        self.totals = AveragerTotals()
+        self.last: RoundStats | None = None
+
+    def _plan(self, copies: Mapping[str, Tensor]) -> None:
+        open_buckets: dict[tuple, _Bucket] = {}
+        for name, t in self.named:
+            copy = copies.get(name)
+            if copy is None and t.dtype == torch.float32 and t.is_contiguous() and t.numel() >= self.bucket_numel // 2:
+                self.in_place.append(t)
+                continue
+            sources = _flat_chunks(t, self.bucket_numel)
+            copy_chunks = _flat_chunks(copy, self.bucket_numel) if copy is not None else [None] * len(sources)
+            if len(copy_chunks) != len(sources):  # a non-contiguous copy: keep the tensor whole
+                sources, copy_chunks = [t], [copy]
+            for src, cp in zip(sources, copy_chunks):
+                key = (t.device, t.dtype)
+                bucket = open_buckets.get(key)
+                if bucket is None or bucket.numel + src.numel() > self.bucket_numel and bucket.sources:
+                    bucket = open_buckets[key] = _Bucket(t.device)
+                    self.buckets.append(bucket)
+                bucket.sources.append(src)
+                bucket.copies.append(cp)
+                bucket.offsets.append(bucket.numel)
+                bucket.numel += src.numel()
+
+    @property
+    def num_replicas(self) -> int:
+        return self.topology.num_replicas
+
+    @property
+    def bytes_per_round(self) -> int:
+        return FP32_BYTES * (sum(t.numel() for t in self.in_place) + sum(b.numel for b in self.buckets))
+
+    @property
+    def scratch_bytes(self) -> int:
+        """Peak extra memory of a round: at most two buckets per device."""
+        return sum(FP32_BYTES * s.numel() for bufs in self._scratch.values() for s in bufs)
+
+    def _scratch_for(self, i: int, bucket: _Bucket) -> Tensor:
+        bufs = self._scratch.get(bucket.device)
+        if bufs is None:
+            size = max(b.numel for b in self.buckets if b.device == bucket.device)
+            count = min(2, sum(b.device == bucket.device for b in self.buckets))
+            bufs = self._scratch[bucket.device] = [
+                torch.empty(size, dtype=torch.float32, device=bucket.device) for _ in range(count)
+            ]
+        return bufs[i % len(bufs)][: bucket.numel]
+
+    def average(self, step: int | None = None) -> RoundStats:
+        """One sync round; ``step`` (completed optimizer steps) is checked equal on all replicas."""
+        stats = RoundStats(tensors=len(self.named), buckets=len(self.buckets), in_place=len(self.in_place))
+        if self.num_replicas == 1:
+            self._record(stats)
+            return stats
+        start = time.perf_counter()
+        self._agree(step)
+        group, scale = self.topology.replica_group, 1.0 / self.num_replicas
+        for t in self.in_place:
+            t.mul_(scale)
+        handles = [dist.all_reduce(t, group=group, async_op=True) for t in self.in_place]
+        pending = None
+        for i, bucket in enumerate(self.buckets):
+            buf = self._scratch_for(i, bucket)
+            t0 = time.perf_counter()
+            self.backends[bucket.device].pack(bucket.sources, buf, bucket.offsets, scale)
+            stats.pack_s += time.perf_counter() - t0
+            work = dist.all_reduce(buf, group=group, async_op=True)
+            if pending is not None:
+                self._finish(*pending, stats)
+            pending = (bucket, buf, work)
+        if pending is not None:
+            self._finish(*pending, stats)
+        t0 = time.perf_counter()
+        for work in handles:
+            work.wait()
+        stats.comm_s += time.perf_counter() - t0
+        if any(d.type == "cuda" for d in self.backends):
+            torch.cuda.synchronize()
+        stats.bytes = self.bytes_per_round
+        stats.total_s = time.perf_counter() - start
+        self._record(stats)
+        return stats
+
+    def _finish(self, bucket: _Bucket, buf: Tensor, work, stats: RoundStats) -> None:
+        t0 = time.perf_counter()
+        work.wait()
+        t1 = time.perf_counter()
+        self.backends[bucket.device].unpack(buf, bucket.sources, bucket.offsets, bucket.copies)
+        stats.comm_s += t1 - t0
+        stats.unpack_s += time.perf_counter() - t1
+
+    def _record(self, stats: RoundStats) -> None:
+        self.last = stats
+        self.totals.add(stats)
+
+    def _agree(self, step: int | None) -> None:
+        """All ranks exchange a header and raise the same error before anything is written."""
+        bad = -1
+        if self.check_finite:
+            by_device: dict[torch.device, list[int]] = {}
+            for i, (_, t) in enumerate(self.named):
+                by_device.setdefault(t.device, []).append(i)
+            found = [
+                idx[j]
+                for d, idx in by_device.items()
+                if (j := self.backends[d].first_nonfinite([self.named[i][1] for i in idx])) >= 0
+            ]
+            bad = min(found, default=-1)
+        device = next(iter(self.backends))
+        mine = torch.tensor([self.fingerprint, bad, -1 if step is None else step], dtype=torch.int64, device=device)
+        rows = [torch.empty_like(mine) for _ in range(self.topology.world_size)]
+        dist.all_gather(rows, mine)
+        header = torch.stack(rows).cpu().tolist()
+        self._raise_on_disagreement(header)
+
+    def _raise_on_disagreement(self, header: list[list[int]]) -> None:
+        per_replica = self.topology.ranks_per_replica
+        for rank, (fp, bad, step) in enumerate(header):
+            first = header[rank % per_replica]
+            if fp != first[0]:
+                self._raise_layout_mismatch(rank)
+            if step != first[2]:
+                raise ReplicaMismatchError(
+                    f"replica {rank // per_replica} (rank {rank}) is at step {step} but replica 0 is at "
+                    f"step {first[2]}: replicas disagree on when to average; nothing was averaged"
+                )
+        for rank, (_, bad, _) in enumerate(header):
+            if bad >= 0:
+                same_layout = rank % per_replica == self.topology.shard_rank
+                where = f"tensor {self.named[bad][0]!r}" if same_layout else f"its tensor #{bad}"
+                raise ReplicaMismatchError(
+                    f"replica {rank // per_replica} (rank {rank}) holds NaN or Inf in {where}; refusing to "
+                    "average, every replica's tensors are left as they were"
+                )
+
+    def _raise_layout_mismatch(self, rank: int) -> None:
+        layouts: list = [None] * self.topology.world_size
+        dist.all_gather_object(layouts, self.layout)
+        per_replica = self.topology.ranks_per_replica
+        ref, other = layouts[rank % per_replica], layouts[rank]
+        for i in range(max(len(ref), len(other))):
+            a = ref[i] if i < len(ref) else None
+            b = other[i] if i < len(other) else None
+            if a != b:
+                raise ReplicaMismatchError(
+                    f"replica {rank // per_replica} (rank {rank}) has a different tensor layout than replica 0: "
+                    f"tensor #{i} is {b} there but {a} on replica 0; nothing was averaged"
+                )
+        raise ReplicaMismatchError(f"replica {rank // per_replica} (rank {rank}) has a different tensor layout")
+
+
+def flatten_into_buffer(tensors: Sequence[Tensor]) -> Tensor:
+    """Re-point fp32 tensors (e.g. parameters) as views of one new flat fp32 buffer.
+
+    Later rounds all-reduce that buffer in place: no packing at all.
+    """
+    if not tensors:
+        raise ValueError("nothing to flatten")
+    devices = {t.device for t in tensors}
+    if len(devices) != 1 or any(t.dtype != torch.float32 for t in tensors):
+        raise TypeError("flatten_into_buffer needs fp32 tensors on one device")
+    flat = torch.empty(sum(t.numel() for t in tensors), dtype=torch.float32, device=devices.pop())
+    offset = 0
+    for t in tensors:
+        view = flat[offset : offset + t.numel()].view_as(t)
+        view.copy_(t)
+        t.data = view
+        offset += t.numel()
+    return flat

@@ -1,0 +1,54 @@
+"""Pack / unpack back-ends for the averager, behind one small interface.
+
+A back-end implements:
+    pack(sources, bucket, offsets, scale)      bucket[o:o+n] = source * scale (in fp32)
+    unpack(bucket, targets, offsets, copies, resets=())
+                                               target = bucket slice (rounded once to its
+                                               dtype); copy (a low-precision model copy, or
+                                               None) = the same slice rounded; resets zeroed
+    first_nonfinite(tensors) -> int            index of the first tensor with NaN/Inf, or -1
+"""
+from __future__ import annotations
+
+import torch
+
+from .reference import ReferenceKernels
+
+CHOICES = ("auto", "triton", "cpp", "torch")
+
+
+class KernelUnavailable(RuntimeError):
+    """An explicitly requested back-end cannot run here; the message says why."""
+
+
+def get_backend(name: str, device: torch.device):
+    """The back-end for tensors on ``device``; ``auto`` falls back to the torch reference."""
+    if name not in CHOICES:
+        raise KernelUnavailable(f"unknown kernel back-end {name!r}; expected one of {', '.join(CHOICES)}")
+    if name == "torch":
+        return ReferenceKernels()
+    loaders = {"triton": _load_triton, "cpp": _load_cpp}
+    if name != "auto":
+        backend, why = loaders[name](device)
+        if backend is None:
+            raise KernelUnavailable(f"kernel back-end {name!r} is unavailable for {device} tensors: {why}")
+        return backend
+    preferred = "triton" if device.type == "cuda" else "cpp"
+    backend, _ = loaders[preferred](device)
+    return backend if backend is not None else ReferenceKernels()
+
+
+def _load_triton(device: torch.device):
+    try:
+        from .triton_bucket import load
+    except ImportError as err:
+        return None, f"triton back-end not importable ({err})"
+    return load(device)
+
+
+def _load_cpp(device: torch.device):
+    try:
+        from .cpp import load
+    except ImportError as err:
+        return None, f"C++ back-end not importable ({err})"
+    return load(device)

@@ -1,0 +1,88 @@
+"""Run a function on N local gloo ranks in spawned processes (tests, examples, benchmarks).
+
+Each rank's return value (or exception text) comes back to the caller; a rank that dies
+or hangs past ``timeout_s`` fails the whole run instead of hanging it.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+import traceback
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out_dir: str, env: dict) -> None:
+    os.environ.update(env)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    result: Any
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        result = ("ok", fn(rank, world_size, *args))
+    except BaseException as err:  # noqa: BLE001 - every failure goes back to the parent
+        result = ("error", f"rank {rank}: {type(err).__name__}: {err}\n{traceback.format_exc()}")
+    with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    finally:
+        os._exit(0)  # gloo can abort at interpreter exit
+
+
+class RankFailure(RuntimeError):
+    def __init__(self, errors: dict[int, str]):
+        self.errors = errors
+        super().__init__("\n".join(f"{text}" for _, text in sorted(errors.items())))
+
+
+def run_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 120.0, env: dict | None = None) -> list:
+    """``fn(rank, world_size, *args)`` on every rank; returns the results ordered by rank.
+
+    Raises RankFailure with each failing rank's traceback.
+    """
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as out_dir:
+        procs = [
+            ctx.Process(target=_worker, args=(r, world_size, port, fn, args, out_dir, dict(env or {})), daemon=True)
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout_s)
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        results, errors = [], {}
+        for r in range(world_size):
+            path = os.path.join(out_dir, f"{r}.pkl")
+            if r in hung:
+                errors[r] = f"rank {r}: still running after {timeout_s} s (killed)"
+            elif not os.path.exists(path):
+                errors[r] = f"rank {r}: died without a result (exit code {procs[r].exitcode})"
+            else:
+                with open(path, "rb") as f:
+                    status, value = pickle.load(f)
+                if status == "error":
+                    errors[r] = value
+                results.append(value)
+        if errors:
+            raise RankFailure(errors)
+        return results
