@@ -181,6 +181,7 @@ class ReplicaAverager:
             ]
         return bufs[i % len(bufs)][: bucket.numel]
 
+    @torch.no_grad()
     def average(self, step: int | None = None) -> RoundStats:
         """One sync round; ``step`` (completed optimizer steps) is checked equal on all replicas."""
         stats = RoundStats(tensors=len(self.named), buckets=len(self.buckets), in_place=len(self.in_place))
