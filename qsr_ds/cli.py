@@ -23,7 +23,11 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     print(json.dumps(plan) if args.json else format_plan(plan))
     if args.plot:
-        write_plot(config, lr_at, args.plot)
+        try:
+            write_plot(config, lr_at, args.plot)
+        except OSError as err:
+            print(f"error: cannot write the plot {args.plot}: {err.strerror or err}", file=sys.stderr)
+            return 1
         if not args.json:
             print(f"plot written to {args.plot}")
     return 0
