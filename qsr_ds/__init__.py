@@ -1,32 +1,35 @@
-"""qsr-ds: local training with the Quadratic Synchronization Rule for DeepSpeed and FSDP2."""
-from .averager import ReplicaAverager, ReplicaMismatchError, RoundStats
-from .config import QSRConfig, QSRConfigError
-from .local import LocalOptimizer
-from .schedule import ScheduleError, SyncSchedule, SyncTracker
-from .topology import Topology, TopologyError
+"""qsr-ds: local training with the Quadratic Synchronization Rule for DeepSpeed and FSDP2.
+
+Names are imported lazily so that `qsr-ds plan` and the pure schedule need no torch import.
+"""
+from importlib import import_module
 
 __version__ = "0.1.0"
 
+_EXPORTS = {
+    "LocalOptimizer": "local",
+    "QSRConfig": "config",
+    "QSRConfigError": "config",
+    "ReplicaAverager": "averager",
+    "ReplicaMismatchError": "averager",
+    "RoundStats": "averager",
+    "ScheduleError": "schedule",
+    "SyncSchedule": "schedule",
+    "SyncTracker": "schedule",
+    "Topology": "topology",
+    "TopologyError": "topology",
+    "initialize": "deepspeed",
+}
+__all__ = [*_EXPORTS, "__version__"]
 
-def initialize(*args, **kwargs):
-    """``deepspeed.initialize`` with a "qsr" section honoured; see qsr_ds.deepspeed."""
-    from .deepspeed import initialize as _initialize
 
-    return _initialize(*args, **kwargs)
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'qsr_ds' has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
 
 
-__all__ = [
-    "LocalOptimizer",
-    "QSRConfig",
-    "QSRConfigError",
-    "ReplicaAverager",
-    "ReplicaMismatchError",
-    "RoundStats",
-    "ScheduleError",
-    "SyncSchedule",
-    "SyncTracker",
-    "Topology",
-    "TopologyError",
-    "initialize",
-    "__version__",
-]
+def __dir__():
+    return sorted(__all__)

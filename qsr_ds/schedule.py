@@ -77,7 +77,7 @@ class SyncSchedule:
             return 1 if completed_steps < self.switch_step else self.h_base
         if gamma is None or self.alpha == 0 or completed_steps < self.warmup_steps:
             return self.h_base
-        if not lr > 0:
+        if lr is None or not lr > 0:
             raise ScheduleError(f"learning rate must be > 0 for rule {self.rule!r}, got {lr!r} at step {completed_steps}")
         try:
             grown = math.floor((self.alpha / lr) ** gamma)
