@@ -157,6 +157,8 @@ def _mesh_2x2_worker(rank, world, ckpt):
     out["exp_avg_sq"] = digest([qsr.optimizer.state[first]["exp_avg_sq"].full_tensor()])
     out["buffers"] = digest([b for b in model.buffers()])
     out["bytes"] = qsr.totals.bytes
+    with torch.no_grad():  # the bf16 compute copy FSDP gathers next comes from the averaged fp32 shards
+        out["forward"] = digest([model.eval()(batch(0, 0, 0)[0])])
     qsr.close()
 
     # resume mid-round: stop inside the first round of H >= 3, save, resume in a fresh model
@@ -202,6 +204,7 @@ def test_2x2_mesh_averages_shards_resumes_and_refuses_bad_setups(tmp_path):
     assert mid[0] == mid[1] and mid[2] == mid[3] and mid[0] != mid[2]
     # exp_avg was averaged; exp_avg_sq stays local (differs across replicas)
     assert len({res["exp_avg"] for res in results}) == 1
+    assert len({res["forward"] for res in results}) == 1
     assert results[0]["exp_avg_sq"] != results[2]["exp_avg_sq"]
     # buffers are per rank (not sharded): rank k of each replica holds the same average
     assert results[0]["buffers"] == results[2]["buffers"] and results[1]["buffers"] == results[3]["buffers"]
