@@ -28,6 +28,10 @@ class ReplicaMismatchError(RuntimeError):
     """Replicas disagree (tensor layout, step count) or hold NaN/Inf; nothing was written."""
 
 
+class ReplicaCommError(RuntimeError):
+    """A collective of a sync round failed or timed out (e.g. a rank died); names the round and group."""
+
+
 @dataclass
 class RoundStats:
     """What one sync round did on this rank."""
@@ -189,7 +193,30 @@ class ReplicaAverager:
             self._record(stats)
             return stats
         start = time.perf_counter()
-        self._agree(step)
+        round_no = self.totals.rounds + 1
+        try:
+            self._agree(step)
+        except ReplicaMismatchError:
+            raise
+        except RuntimeError as err:
+            raise ReplicaCommError(
+                f"sync round {round_no}: the pre-round check over all {self.topology.world_size} ranks failed "
+                f"(a rank died or timed out?); nothing was averaged: {err}"
+            ) from err
+        try:
+            self._reduce(stats)
+        except RuntimeError as err:
+            raise ReplicaCommError(
+                f"sync round {round_no}: all-reduce over the replica group (ranks {self.topology.replica_ranks}) "
+                f"failed (a rank died or timed out?); this rank's tensors may be partly averaged, resume from "
+                f"the last checkpoint: {err}"
+            ) from err
+        stats.bytes = self.bytes_per_round
+        stats.total_s = time.perf_counter() - start
+        self._record(stats)
+        return stats
+
+    def _reduce(self, stats: RoundStats) -> None:
         group, scale = self.topology.replica_group, 1.0 / self.num_replicas
         for t in self.in_place:
             t.mul_(scale)
@@ -212,10 +239,6 @@ class ReplicaAverager:
         stats.comm_s += time.perf_counter() - t0
         if any(d.type == "cuda" for d in self.backends):
             torch.cuda.synchronize()
-        stats.bytes = self.bytes_per_round
-        stats.total_s = time.perf_counter() - start
-        self._record(stats)
-        return stats
 
     def _finish(self, bucket: _Bucket, buf: Tensor, work, stats: RoundStats) -> None:
         t0 = time.perf_counter()
@@ -245,7 +268,7 @@ class ReplicaAverager:
         device = next(iter(self.backends))
         mine = torch.tensor([self.fingerprint, bad, -1 if step is None else step], dtype=torch.int64, device=device)
         rows = [torch.empty_like(mine) for _ in range(self.topology.world_size)]
-        dist.all_gather(rows, mine)
+        dist.all_gather(rows, mine, group=self.topology.world_group)
         header = torch.stack(rows).cpu().tolist()
         self._raise_on_disagreement(header)
 
@@ -271,7 +294,7 @@ class ReplicaAverager:
 
     def _raise_layout_mismatch(self, rank: int) -> None:
         layouts: list = [None] * self.topology.world_size
-        dist.all_gather_object(layouts, self.layout)
+        dist.all_gather_object(layouts, self.layout, group=self.topology.world_group)
         per_replica = self.topology.ranks_per_replica
         ref, other = layouts[rank % per_replica], layouts[rank]
         for i in range(max(len(ref), len(other))):

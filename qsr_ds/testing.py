@@ -50,10 +50,13 @@ class RankFailure(RuntimeError):
         super().__init__("\n".join(f"{text}" for _, text in sorted(errors.items())))
 
 
-def run_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 120.0, env: dict | None = None) -> list:
+def run_ranks(
+    fn: Callable, world_size: int, *args, timeout_s: float = 120.0, env: dict | None = None, missing_ok: bool = False
+) -> list:
     """``fn(rank, world_size, *args)`` on every rank; returns the results ordered by rank.
 
-    Raises RankFailure with each failing rank's traceback.
+    Raises RankFailure with each failing rank's traceback. With ``missing_ok`` a rank that
+    exits without a result (a fault-injection test killing it on purpose) gives None.
     """
     ctx = mp.get_context("spawn")
     port = free_port()
@@ -76,7 +79,9 @@ def run_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 120.0, en
             if r in hung:
                 errors[r] = f"rank {r}: still running after {timeout_s} s (killed)"
             elif not os.path.exists(path):
-                errors[r] = f"rank {r}: died without a result (exit code {procs[r].exitcode})"
+                if not missing_ok:
+                    errors[r] = f"rank {r}: died without a result (exit code {procs[r].exitcode})"
+                results.append(None)
             else:
                 with open(path, "rb") as f:
                     status, value = pickle.load(f)

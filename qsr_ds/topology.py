@@ -30,6 +30,8 @@ class Topology:
     """The S ranks of this rank's replica (gradients are reduced here every step)."""
     replica_group: dist.ProcessGroup | None
     """Rank k of every replica (averaged here at QSR boundaries only)."""
+    world_group: dist.ProcessGroup | None = None
+    """All ranks, with the QSR timeout, for the pre-round check; None uses the default group."""
 
     @property
     def num_replicas(self) -> int:
@@ -71,6 +73,7 @@ class Topology:
         check_divides(world_size, ranks_per_replica)
         timeout = timedelta(seconds=timeout_s) if timeout_s is not None else None
         num_replicas = world_size // ranks_per_replica
+        world_group = dist.new_group(list(range(world_size)), timeout=timeout, backend=backend)
         shard_group = replica_group = None
         for r in range(num_replicas):
             group = dist.new_group(replica_ranks(r, ranks_per_replica), timeout=timeout, backend=backend)
@@ -86,6 +89,7 @@ class Topology:
             ranks_per_replica=ranks_per_replica,
             shard_group=shard_group,
             replica_group=replica_group,
+            world_group=world_group,
         )
 
 

@@ -162,3 +162,32 @@ def test_run_ranks_reports_failures():
 
 def _fail_on_rank_one(rank, world):
     return 1 / (1 - rank)
+
+
+def _dead_peer_worker(rank, world, where):
+    import os
+    import time
+
+    topo = Topology.create(1, timeout_s=4)
+    named = make_tensors(rank, 0)
+    averager = ReplicaAverager(named, topology=topo, kernel="torch")
+    averager.average(step=1)
+    if rank == 1:
+        if where == "hang":
+            time.sleep(12)  # alive but never joins round 2 (rank 0 times out after 4 s)
+        os._exit(1)  # dies before round 2
+    start = time.perf_counter()
+    try:
+        averager.average(step=2)
+    except RuntimeError as err:
+        return type(err).__name__, str(err), time.perf_counter() - start
+    return "no error", "", 0.0
+
+
+@pytest.mark.parametrize("where", ["exit", "hang"])
+def test_dead_or_hung_peer_fails_within_the_timeout_naming_the_round(where):
+    results = run_ranks(_dead_peer_worker, 2, where, timeout_s=60, missing_ok=True)
+    assert results[1] is None
+    name, message, seconds = results[0]
+    assert name == "ReplicaCommError" and "sync round 2" in message, message
+    assert seconds < 25
