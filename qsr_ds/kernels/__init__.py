@@ -38,6 +38,21 @@ def get_backend(name: str, device: torch.device):
     return backend if backend is not None else ReferenceKernels()
 
 
+def describe_backends() -> dict:
+    """For each back-end: whether it can run here (CPU, and CUDA when present) and why not.
+
+    Loads the C++ op, which compiles it on first use (about half a minute, once per machine).
+    """
+    cuda = torch.device("cuda") if torch.cuda.is_available() else None
+    report: dict = {"torch": {"available": True, "devices": ["cpu"] + (["cuda"] if cuda else []), "reason": ""}}
+    for name, loader, device in (("cpp", _load_cpp, torch.device("cpu")),
+                                 ("triton", _load_triton, cuda or torch.device("cpu"))):
+        backend, why = loader(device)
+        report[name] = {"available": backend is not None, "devices": [device.type] if backend else [], "reason": why}
+    report["auto"] = {d.type: get_backend("auto", d).name for d in [torch.device("cpu")] + ([cuda] if cuda else [])}
+    return report
+
+
 def _load_triton(device: torch.device):
     try:
         from .triton_bucket import load

@@ -160,5 +160,11 @@ class CppKernels:
     def first_nonfinite(self, tensors: Sequence[Tensor]) -> int:
         if all(_fast(t) for t in tensors):
             return int(self.ops.first_nonfinite(list(tensors)))
-        # mixed: the reference on the lot keeps "first" well defined
-        return self._reference.first_nonfinite(tensors)
+        return _first_nonfinite_slow(self._reference, tensors)
+
+
+def _first_nonfinite_slow(reference: ReferenceKernels, tensors: Sequence[Tensor]) -> int:
+    """The reference on the non-empty tensors (its inf-norm has no value for an empty one)."""
+    keep = [i for i, t in enumerate(tensors) if t.numel()]
+    found = reference.first_nonfinite([tensors[i] for i in keep])
+    return keep[found] if found >= 0 else -1
