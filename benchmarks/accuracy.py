@@ -1,0 +1,515 @@
+#!/usr/bin/env python
+"""Accuracy of Local AdamW under QSR and its baselines on a small byte-level language model.
+
+    python benchmarks/accuracy.py                 # the committed run: 7 methods x 3 seeds
+    python benchmarks/accuracy.py --smoke --out-dir /tmp/acc    # tiny sizes, < 30 s
+    python benchmarks/accuracy.py --report-only   # plots and .md again from the JSON
+
+Data: the English help texts that ship with CPython (``pydoc_data.topics``), sorted by key,
+joined, byte level (vocabulary 256); the first 90 % by position is training data, the
+last 10 % validation. Model: a byte MLP that predicts the next byte from the previous
+``context`` bytes. R replicas are simulated in one process: R model copies, each with its
+own AdamW and its own data stream, all from the same initialization. Data parallel is one
+model on the R streams' batches together (gradient averaging over R x batch); the local
+methods take their steps independently and average parameters when the
+``qsr_ds.SyncTracker`` of their ``qsr_ds.SyncSchedule`` closes a round, with
+``average_replicas_``: the same arithmetic as ``qsr_ds.ReplicaAverager`` (each replica's
+fp32 tensor pre-scaled by 1/R, the R scaled copies summed, every replica gets the sum).
+tests/dist/test_accuracy_sim.py checks this simulation against ``qsr_ds.LocalOptimizer``
+on R real gloo ranks.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from qsr_ds.averager import flatten_into_buffer  # noqa: E402
+from qsr_ds.schedule import SyncSchedule, SyncTracker  # noqa: E402
+
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+REPORT = os.path.join(ROOT, "benchmarks", "accuracy.md")
+METHODS = ("dp", "const_base", "const_large", "post_local", "qsr", "qsr_g1", "qsr_g3")
+LABELS = {
+    "dp": "data parallel",
+    "const_base": "constant H = H_base",
+    "const_large": "constant H = H_large",
+    "post_local": "post-local SGD",
+    "qsr": "QSR (gamma 2)",
+    "qsr_g1": "QSR gamma 1 (linear)",
+    "qsr_g3": "QSR gamma 3 (cubic)",
+}
+
+
+@dataclass
+class Config:
+    replicas: int = 4
+    context: int = 24
+    embed: int = 24
+    hidden: int = 256
+    batch: int = 32
+    """Per replica; data parallel's global batch is replicas x batch."""
+    steps: int = 3000
+    warmup: int = 150
+    lr: float = 3e-3
+    """Peak LR; linear warm-up from lr / warmup, then cosine to min_lr."""
+    min_lr: float = 1e-5
+    weight_decay: float = 0.1
+    h_base: int = 4
+    alpha: float = 6e-3
+    """QSR gamma 2: H = max(h_base, (alpha / lr) ** 2)."""
+    h_large: int = 0
+    """Constant large H; 0: steps / (QSR's rounds), i.e. QSR's communication volume."""
+    post_local_switch: float = 0.5
+    """post-local: H = 1 for this fraction of the steps, then H_large."""
+    eval_every: int = 150
+    eval_positions: int = 4096
+    """Validation positions (evenly spaced) for the curves; the final numbers use all of them."""
+    seeds: tuple = (0, 1, 2)
+    methods: tuple = METHODS
+
+
+SMOKE = dict(context=8, embed=8, hidden=32, batch=8, steps=60, warmup=6, eval_every=20, eval_positions=512,
+             lr=1e-2, alpha=2e-2, min_lr=1e-4, seeds=(0, 1))
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def corpus() -> bytes:
+    """CPython's pydoc help texts, sorted by topic, joined by blank lines (UTF-8 bytes)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
+
+
+def split(data: bytes, train_fraction: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train / validation bytes by position (no shuffling, so no leakage of nearby text)."""
+    t = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    cut = int(len(t) * train_fraction)
+    return t[:cut].clone(), t[cut:].clone()
+
+
+def windows(data: torch.Tensor, starts: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    w = data[starts[:, None] + torch.arange(context + 1)].long()
+    return w[:, :context], w[:, context]
+
+
+class Stream:
+    """One replica's training batches: uniform random windows from its own generator."""
+
+    def __init__(self, train: torch.Tensor, cfg: Config, seed: int, replica: int) -> None:
+        self.train, self.cfg = train, cfg
+        self.gen = torch.Generator().manual_seed(1_000_003 * (seed + 1) + replica)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(0, len(self.train) - self.cfg.context, (self.cfg.batch,), generator=self.gen)
+        return windows(self.train, starts, self.cfg.context)
+
+
+# ---------------------------------------------------------------------------- model, lr
+
+
+class ByteMLP(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(256, cfg.embed)
+        self.body = nn.Sequential(
+            nn.Linear(cfg.context * cfg.embed, cfg.hidden), nn.GELU(),
+            nn.Linear(cfg.hidden, cfg.hidden), nn.GELU(),
+            nn.Linear(cfg.hidden, 256),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.embed(x).flatten(1))
+
+
+def build(cfg: Config, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = ByteMLP(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr_fn(cfg)(0), weight_decay=cfg.weight_decay)
+    return model, opt
+
+
+def lr_fn(cfg: Config):
+    """The LR 0-based step ``s`` uses: linear warm-up to cfg.lr, cosine to cfg.min_lr."""
+
+    def lr_at(s: int) -> float:
+        if s < cfg.warmup:
+            return cfg.lr * (s + 1) / cfg.warmup
+        progress = min(1.0, (s - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+    return lr_at
+
+
+class SetLR:
+    """An lr scheduler that writes lr_at(step) into the optimizer (same floats in every path)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr_at) -> None:
+        self.optimizer, self.lr_at, self.steps = optimizer, lr_at, 0
+        self._write()
+
+    def _write(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.steps)
+
+    def step(self) -> None:
+        self.steps += 1
+        self._write()
+
+
+# ---------------------------------------------------------------------------- schedules
+
+
+def schedule_for(method: str, cfg: Config) -> SyncSchedule | None:
+    """The sync schedule of a method; None for data parallel (gradients averaged every step)."""
+    common = dict(warmup_steps=cfg.warmup, total_steps=cfg.steps)
+    if method == "dp":
+        return None
+    if method == "const_base":
+        return SyncSchedule(rule="constant", h_base=cfg.h_base, **common)
+    if method == "const_large":
+        return SyncSchedule(rule="constant", h_base=h_large(cfg), **common)
+    if method == "post_local":
+        return SyncSchedule(rule="post_local", h_base=h_large(cfg),
+                            switch_step=int(cfg.steps * cfg.post_local_switch), **common)
+    gamma = {"qsr": 2.0, "qsr_g1": 1.0, "qsr_g3": 3.0}[method]
+    return SyncSchedule(rule="qsr", gamma=gamma, h_base=cfg.h_base, alpha=alpha_for(gamma, cfg), **common)
+
+
+def alpha_for(gamma: float, cfg: Config) -> float:
+    """Alpha for exponent gamma such that H leaves H_base at the same LR as gamma 2 does."""
+    onset_lr = cfg.alpha / math.sqrt(cfg.h_base)
+    return onset_lr * cfg.h_base ** (1.0 / gamma)
+
+
+def h_large(cfg: Config) -> int:
+    if cfg.h_large:
+        return cfg.h_large
+    qsr = SyncSchedule(rule="qsr", h_base=cfg.h_base, alpha=cfg.alpha, warmup_steps=cfg.warmup, total_steps=cfg.steps)
+    return max(cfg.h_base, round(cfg.steps / len(qsr.rounds(lr_fn(cfg)))))
+
+
+# ---------------------------------------------------------------------------- training
+
+
+@torch.no_grad()
+def average_replicas_(flats: list[torch.Tensor]) -> None:
+    """ReplicaAverager's arithmetic for S = 1, in one process.
+
+    ReplicaAverager packs each rank's fp32 tensors into a bucket, multiplies it by 1/R
+    and all-reduces (SUM) over the R replicas; every replica receives the same sum. Here:
+    the same pre-scale, the R products summed in replica order, the sum copied back.
+    (gloo's ring all-reduce adds the same R addends, but in a chunk-dependent order.)
+    """
+    scale = 1.0 / len(flats)
+    total = flats[0] * scale
+    for flat in flats[1:]:
+        total += flat * scale
+    for flat in flats:
+        flat.copy_(total)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: torch.Tensor, cfg: Config, count: int | None = None) -> tuple[float, float]:
+    """(mean cross-entropy in nats, next-byte accuracy) over ``count`` evenly spaced windows."""
+    n = len(data) - cfg.context
+    starts = torch.arange(n) if count is None or count >= n else torch.linspace(0, n - 1, count).long()
+    loss = correct = 0.0
+    for chunk in starts.split(8192):
+        x, y = windows(data, chunk, cfg.context)
+        logits = model(x)
+        loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+    return loss / len(starts), correct / len(starts)
+
+
+def run(method: str, seed: int, cfg: Config, train: torch.Tensor, val: torch.Tensor, *, curves: bool = True) -> dict:
+    """Train one method with one seed; returns final metrics, rounds and curves."""
+    lr_at = lr_fn(cfg)
+    schedule = schedule_for(method, cfg)
+    n_models = 1 if schedule is None else cfg.replicas
+    models, opts = zip(*(build(cfg, seed) for _ in range(n_models)))
+    flats = [flatten_into_buffer(list(m.parameters())) for m in models]
+    lrs = [SetLR(o, lr_at) for o in opts]
+    streams = [Stream(train, cfg, seed, r) for r in range(cfg.replicas)]
+    tracker = SyncTracker(schedule, lr_at(0)) if schedule is not None else None
+    probe = ByteMLP(cfg) if n_models > 1 else models[0]
+    probe_flat = flatten_into_buffer(list(probe.parameters())) if n_models > 1 else flats[0]
+    curve, boundaries, train_loss, seen = [], [], 0.0, 0
+    start = time.perf_counter()
+
+    def record(step: int) -> None:
+        nonlocal train_loss, seen
+        if n_models > 1:  # the replicas' mean (what an average now would give); training is untouched
+            with torch.no_grad():
+                probe_flat.copy_(torch.stack(flats).mean(0))
+        loss, acc = evaluate(probe, val, cfg, cfg.eval_positions)
+        rounds = step if tracker is None else tracker.rounds_done
+        curve.append({"step": step, "rounds": rounds, "val_loss": loss, "val_acc": acc,
+                      "train_loss": train_loss / max(1, seen), "lr": lr_at(min(step, cfg.steps - 1))})
+        train_loss, seen = 0.0, 0
+
+    for step in range(cfg.steps):
+        if curves and step % cfg.eval_every == 0:
+            record(step)
+        batches = [s.next() for s in streams]
+        if schedule is None:
+            x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+            batches = [(x, y)]
+        for model, opt, sched, (x, y) in zip(models, opts, lrs, batches):
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            train_loss += loss.item() / n_models
+        seen += 1
+        if tracker is not None and tracker.on_step(lr_at(step + 1)):
+            average_replicas_(flats)
+            boundaries.append(tracker.completed_steps)
+    if curves:
+        record(cfg.steps)
+    train_s = time.perf_counter() - start
+    assert all(torch.equal(f, flats[0]) for f in flats), "training must end on an average"
+    val_loss, val_acc = evaluate(models[0], val, cfg)
+    fit_loss, fit_acc = evaluate(models[0], train, cfg, len(val))
+    return {
+        "method": method, "seed": seed, "rounds": cfg.steps if tracker is None else tracker.rounds_done,
+        "val_loss": val_loss, "val_acc": val_acc, "train_loss": fit_loss, "train_acc": fit_acc,
+        "train_seconds": train_s, "boundaries": boundaries, "curve": curve, "params": flats[0].clone(),
+    }
+
+
+# ---------------------------------------------------------------------------- summary, report
+
+
+def summarize(runs: list[dict], cfg: Config) -> dict:
+    out = {}
+    for method in cfg.methods:
+        mine = [r for r in runs if r["method"] == method]
+        if not mine:
+            continue
+        row = {"label": LABELS[method], "seeds": [r["seed"] for r in mine], "rounds": mine[0]["rounds"]}
+        for key in ("val_acc", "val_loss", "train_acc", "train_loss"):
+            vals = [r[key] for r in mine]
+            row[key] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                        "min": min(vals), "max": max(vals), "values": vals}
+        sched = schedule_for(method, cfg)
+        if sched is not None:
+            hs = [h for _, h in sched.rounds(lr_fn(cfg))]
+            row.update(rule=sched.rule, gamma=sched.effective_gamma, alpha=sched.alpha, h_base=sched.h_base,
+                       h_first=hs[0], h_max=max(hs[:-1] or hs), h_last=hs[-1])
+        out[method] = row
+    return out
+
+
+def verdict(summary: dict) -> list[str]:
+    """Plain statements about the paper's ordering, with mean differences and seed spreads."""
+    lines = []
+
+    def cmp(a: str, b: str, what: str) -> None:
+        if a not in summary or b not in summary:
+            return
+        ma, mb = summary[a]["val_acc"], summary[b]["val_acc"]
+        diff = ma["mean"] - mb["mean"]
+        noise = max(ma["std"], mb["std"])
+        if diff >= 0:
+            state = "holds" if diff > noise else "holds only within seed noise"
+        else:
+            state = "does NOT hold" if -diff > noise else "does not hold, but within seed noise"
+        lines.append(f"- {what}: {state} ({LABELS[a]} {100 * ma['mean']:.2f} % vs {LABELS[b]} "
+                     f"{100 * mb['mean']:.2f} %, difference {100 * diff:+.2f} points, larger seed std "
+                     f"{100 * noise:.2f}).")
+
+    cmp("qsr", "const_base", "QSR >= constant H = H_base")
+    cmp("qsr", "const_large", "QSR >= constant H = H_large (about QSR's communication)")
+    cmp("qsr", "dp", "QSR >= data parallel")
+    cmp("qsr", "post_local", "QSR >= post-local SGD")
+    return lines
+
+
+def plot(runs: list[dict], cfg: Config, out_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for metric, name in (("val_acc", "validation next-byte accuracy"), ("val_loss", "validation loss (nats)")):
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for method in cfg.methods:
+            mine = [r["curve"] for r in runs if r["method"] == method and r["curve"]]
+            if not mine:
+                continue
+            steps = [p["step"] for p in mine[0]]
+            rounds = [p["rounds"] for p in mine[0]]
+            mean = [statistics.fmean(c[i][metric] for c in mine) for i in range(len(steps))]
+            axes[0].plot(steps, mean, label=LABELS[method])
+            axes[1].plot([max(r, 1) for r in rounds], mean, label=LABELS[method])
+        axes[0].set_xlabel("optimizer steps")
+        axes[1].set_xlabel("communication rounds (log)")
+        axes[1].set_xscale("log")
+        for ax in axes:
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3)
+            if metric == "val_acc":
+                lo = min(p[metric] for r in runs for p in r["curve"][len(r["curve"]) // 3:] or [{metric: 0}])
+                ax.set_ylim(bottom=lo - 0.01)
+            else:
+                hi = max(p[metric] for r in runs for p in r["curve"][len(r["curve"]) // 3:] or [{metric: 1}])
+                ax.set_ylim(top=hi + 0.05)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{name}, mean over {len(cfg.seeds)} seeds (curves on {cfg.eval_positions} positions)")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"accuracy_{metric}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def table(summary: dict) -> str:
+    lines = ["| method | rounds | H (first / max / last) | val acc % (mean ± std) | val loss | train loss |",
+             "|---|---:|---|---:|---:|---:|"]
+    for row in summary.values():
+        hs = f"{row['h_first']} / {row['h_max']} / {row['h_last']}" if "h_first" in row else "every step"
+        va, vl, tl = row["val_acc"], row["val_loss"], row["train_loss"]
+        lines.append(f"| {row['label']} | {row['rounds']} | {hs} | {100 * va['mean']:.2f} ± {100 * va['std']:.2f} "
+                     f"| {vl['mean']:.4f} ± {vl['std']:.4f} | {tl['mean']:.4f} ± {tl['std']:.4f} |")
+    return "\n".join(lines)
+
+
+BEGIN, END = "<!-- BEGIN GENERATED (benchmarks/accuracy.py) -->", "<!-- END GENERATED -->"
+
+
+def write_report(result: dict, out_dir: str, report: str) -> None:
+    cfg = result["config"]
+    rel = os.path.relpath(out_dir, os.path.dirname(report))
+    body = "\n".join([
+        BEGIN,
+        f"Run: `{result['command']}`, {result['wall_seconds']:.0f} s wall, torch {result['torch']}, "
+        f"{result['threads']} thread(s), {result['train_bytes']} training / {result['val_bytes']} validation bytes, "
+        f"{result['params']} parameters.",
+        "",
+        f"Regime: R = {cfg['replicas']} replicas x batch {cfg['batch']} (data parallel: global batch "
+        f"{cfg['replicas'] * cfg['batch']}), {cfg['steps']} steps, AdamW (weight decay {cfg['weight_decay']}), "
+        f"peak LR {cfg['lr']} after {cfg['warmup']} warm-up steps, cosine to {cfg['min_lr']}; H_base "
+        f"{cfg['h_base']}, alpha {cfg['alpha']} (gamma 2), H_large {result['h_large']}; post-local switches to "
+        f"H_large at step {int(cfg['steps'] * cfg['post_local_switch'])}. Seeds {cfg['seeds']}.",
+        "",
+        table(result["summary"]),
+        "",
+        "Paper's ordering (mean final validation accuracy; 'within seed noise' when the gap is below the "
+        "larger of the two standard deviations over seeds):",
+        "",
+        *verdict(result["summary"]),
+        "",
+        f"![validation accuracy]({rel}/accuracy_val_acc.png)",
+        "",
+        f"![validation loss]({rel}/accuracy_val_loss.png)",
+        END,
+    ])
+    if os.path.exists(report):
+        with open(report) as f:
+            text = f.read()
+        if BEGIN in text and END in text:
+            text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: body, text, flags=re.S)
+        else:
+            text = text.rstrip() + "\n\n" + body + "\n"
+    else:
+        text = f"# Accuracy: QSR and its baselines\n\n{body}\n"
+    with open(report, "w") as f:
+        f.write(text)
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (< 30 s); use with --out-dir")
+    p.add_argument("--out-dir", default=RESULTS, help="where accuracy.json and the plots go")
+    p.add_argument("--report", default=None, help="the .md report (default: benchmarks/accuracy.md, or "
+                   "OUT_DIR/accuracy.md when --out-dir is given)")
+    p.add_argument("--report-only", action="store_true", help="rebuild plots and report from OUT_DIR/accuracy.json")
+    p.add_argument("--threads", type=int, default=1)
+    for f in dataclasses.fields(Config):
+        kind = type(f.default) if not isinstance(f.default, tuple) else None
+        flag = "--" + f.name.replace("_", "-")
+        if kind is None:
+            p.add_argument(flag, nargs="+", type=int if f.name == "seeds" else str, default=None)
+        else:
+            p.add_argument(flag, type=kind, default=None)
+    args = p.parse_args(argv)
+    cfg = Config(**(SMOKE if args.smoke else {}))
+    for f in dataclasses.fields(Config):
+        value = getattr(args, f.name)
+        if value is not None:
+            setattr(cfg, f.name, tuple(value) if isinstance(f.default, tuple) else value)
+    unknown = set(cfg.methods) - set(METHODS)
+    if unknown:
+        p.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    if args.report is None:
+        args.report = REPORT if os.path.abspath(args.out_dir) == os.path.abspath(RESULTS) else \
+            os.path.join(args.out_dir, "accuracy.md")
+    return args, cfg
+
+
+def main(argv=None) -> dict:
+    args, cfg = parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
+    json_path = os.path.join(args.out_dir, "accuracy.json")
+    if args.report_only:
+        with open(json_path) as f:
+            result = json.load(f)
+        cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in result["config"].items()})
+    else:
+        torch.set_num_threads(args.threads)
+        train, val = split(corpus())
+        start, runs = time.perf_counter(), []
+        print(f"{'method':24s} {'seed':>4s} {'rounds':>6s} {'val acc':>8s} {'val loss':>8s} {'train s':>7s}")
+        for method in cfg.methods:
+            for seed in cfg.seeds:
+                r = run(method, seed, cfg, train, val)
+                r.pop("params")
+                runs.append(r)
+                print(f"{LABELS[method]:24s} {seed:4d} {r['rounds']:6d} {100 * r['val_acc']:7.2f}% "
+                      f"{r['val_loss']:8.4f} {r['train_seconds']:7.1f}", flush=True)
+        result = {
+            "command": "python benchmarks/accuracy.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])
+                                                          if (argv if argv is not None else sys.argv[1:]) else ""),
+            "wall_seconds": time.perf_counter() - start, "torch": torch.__version__, "threads": args.threads,
+            "python": sys.version.split()[0], "train_bytes": len(train), "val_bytes": len(val),
+            "params": sum(p.numel() for p in ByteMLP(cfg).parameters()), "h_large": h_large(cfg),
+            "config": dataclasses.asdict(cfg), "summary": summarize(runs, cfg), "runs": runs,
+        }
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+    plot(result["runs"], cfg, args.out_dir)
+    write_report(result, args.out_dir, args.report)
+    print()
+    print(table(result["summary"]))
+    print()
+    print("\n".join(verdict(result["summary"])))
+    print(f"\nwrote {json_path}, plots and {args.report} ({result['wall_seconds']:.0f} s of training)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
