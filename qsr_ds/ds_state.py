@@ -1,0 +1,228 @@
+"""Which tensors a DeepSpeed engine averages at a QSR boundary, per ZeRO stage.
+
+Every stage averages the fp32 copy of the weights this rank owns (its shard), never a
+gathered parameter, and afterwards refreshes the low-precision model copy the way
+DeepSpeed does after an optimizer step (inside the replica only):
+
+  ZeRO 0, fp32         module parameters (re-pointed once into one flat fp32 buffer)
+  ZeRO 0, bf16/fp16    FP16_UnfusedOptimizer.fp32_groups (per tensor; the bf16 params are
+                       refreshed in the same unpack pass) or FP16_Optimizer.fp32_groups_flat
+                       (flat, in place; then copied into fp16_groups_flat)
+  ZeRO 1 + bf16 with fp32 gradient accumulation
+                       BF16_Optimizer.fp32_groups_flat_partition, then update_lp_params()
+  ZeRO 1, 2            DeepSpeedZeroOptimizer.single_partition_of_fp32_groups (flat, in place),
+                       then update_lp_params(): copy into the bit16 partition + all-gather
+                       over the shard group
+  ZeRO 3               DeepSpeedZeroOptimizer_Stage3.fp32_partitioned_groups_flat (flat, in
+                       place), then as in its step(): _partition_all_parameters(),
+                       _reassign_or_swap_out_partitioned_parameters(i) per sub-group (refreshes
+                       the ds_tensor shards) and _post_step() (re-gathers persistent parameters
+                       inside the replica, invalidates hpZ secondary shards)
+
+Optimizer state ("exp_avg", "exp_avg_sq", "momentum" in qsr.average) is looked up in the
+torch optimizer DeepSpeed wraps (engine.basic_optimizer), keyed by those fp32 tensors; under
+ZeRO 1-3 it is flat and partitioned like them, so it is all-reduced in place too.
+The DeepSpeed internals used here are listed at the top of qsr_ds/deepspeed.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .averager import flatten_into_buffer
+
+STATE_FIELDS = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", "momentum": "momentum_buffer"}
+
+
+class UnsupportedEngineError(NotImplementedError):
+    """An engine set-up whose state qsr-ds does not know how to average."""
+
+
+@dataclass
+class SyncPlan:
+    """The tensors one rank averages at a boundary and what to do afterwards."""
+
+    kind: str
+    tensors: list[tuple[str, Tensor]]
+    copies: dict[str, Tensor] = field(default_factory=dict)
+    refresh: Callable[[], None] = lambda: None
+    """Rebuild the low-precision / gathered model copy from the averaged fp32 tensors."""
+    flat_numel: int = 0
+    """Smallest flat fp32 shard (params, optimizer state) when the stage keeps them flat, else 0:
+    every tensor at least this large is all-reduced in place."""
+
+    @property
+    def key(self) -> list[tuple]:
+        """Identity of the tensors (a new optimizer state after a load changes it)."""
+        return [(n, t.data_ptr(), tuple(t.shape), t.dtype) for n, t in self.tensors]
+
+
+def _ds_classes():
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    return BF16_Optimizer, FP16_Optimizer, FP16_UnfusedOptimizer, DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3
+
+
+def check_supported(engine) -> str:
+    """Refuse set-ups whose averaging is not implemented, at initialize time; returns the plan's kind."""
+    opt = engine.optimizer
+    if opt is None:
+        raise UnsupportedEngineError("qsr-ds needs an optimizer (pass one, or an \"optimizer\" section)")
+    if getattr(opt, "cpu_offload", False) or getattr(opt, "offload_optimizer", False) or getattr(opt, "offload_param", False):
+        raise UnsupportedEngineError(
+            "qsr-ds does not support ZeRO offload (offload_optimizer / offload_param) yet: the fp32 shards "
+            "would live on the host or NVMe; remove the offload settings from zero_optimization"
+        )
+    if getattr(engine, "has_moe_layers", False):
+        raise UnsupportedEngineError("qsr-ds does not support MoE layers (expert groups) yet")
+    return plan(engine, ("params",), check_only=True).kind
+
+
+def prepare(engine) -> None:
+    """One-time set-up for zero-copy rounds: ZeRO 0 fp32 parameters into one flat buffer."""
+    if engine.zero_optimization_stage() != 0 or engine.optimizer is not engine.basic_optimizer:
+        return
+    params = list(engine.module.parameters())
+    devices = {p.device for p in params}
+    if params and len(devices) == 1 and all(p.dtype == torch.float32 for p in params):
+        engine._qsr_flat_params = flatten_into_buffer(params)
+
+
+def _state(inner: torch.optim.Optimizer, tensor: Tensor, name: str, average) -> list[tuple[str, Tensor]]:
+    out = []
+    state = inner.state.get(tensor, {})
+    for key in sorted(average):
+        field_name = STATE_FIELDS.get(key)
+        if field_name and isinstance(state.get(field_name), Tensor):
+            out.append((f"{name}:{field_name}", state[field_name]))
+    return out
+
+
+def plan(engine, average, *, check_only: bool = False) -> SyncPlan:
+    """The tensors of this rank for ``qsr.average`` (params, buffers, optimizer state)."""
+    BF16_Optimizer, FP16_Optimizer, FP16_UnfusedOptimizer, ZeroOptimizer, ZeroOptimizerStage3 = _ds_classes()
+    opt, stage = engine.optimizer, engine.zero_optimization_stage()
+    inner = engine.basic_optimizer
+    average = set(average)
+    tensors: list[tuple[str, Tensor]] = []
+    copies: dict[str, Tensor] = {}
+    refresh: Callable[[], None] = lambda: None
+    state_keys: list[tuple[str, Tensor]] = []
+    flat = True  # the stage keeps its fp32 shards as a few flat tensors
+
+    def add(name: str, t: Tensor, copy: Tensor | None = None) -> None:
+        tensors.append((name, t))
+        if copy is not None:
+            copies[name] = copy
+
+    if isinstance(opt, ZeroOptimizerStage3):
+        kind = "zero3"
+        for i, shard in enumerate(opt.fp32_partitioned_groups_flat):
+            add(f"zero3.sub{i}.fp32", shard)
+
+        def refresh() -> None:
+            opt._partition_all_parameters()  # release persistent params so _post_step re-gathers them
+            for i in range(len(opt.fp32_partitioned_groups_flat)):
+                opt._reassign_or_swap_out_partitioned_parameters(i)
+            opt._post_step(set())
+
+    elif isinstance(opt, ZeroOptimizer):
+        kind = f"zero{stage}"
+        for i, shard in enumerate(opt.single_partition_of_fp32_groups):
+            add(f"{kind}.group{i}.fp32", shard)
+        refresh = opt.update_lp_params
+    elif isinstance(opt, BF16_Optimizer):
+        kind = f"zero{stage}.bf16_optimizer"
+        for i, shard in enumerate(opt.fp32_groups_flat_partition):
+            add(f"{kind}.group{i}.fp32", shard)
+        refresh = opt.update_lp_params
+    elif isinstance(opt, FP16_Optimizer):
+        kind = "zero0.fp16_fused"
+        for i, shard in enumerate(opt.fp32_groups_flat):
+            add(f"{kind}.group{i}.fp32", shard)
+
+        def refresh() -> None:
+            for lp, hp in zip(opt.fp16_groups_flat, opt.fp32_groups_flat):
+                lp.copy_(hp)
+
+    elif isinstance(opt, FP16_UnfusedOptimizer):
+        kind, flat = "zero0.fp16_unfused", False
+        names = {p: n for n, p in engine.module.named_parameters()}
+        for i, (hp_group, lp_group) in enumerate(zip(opt.fp32_groups, opt.fp16_groups)):
+            for j, (hp, lp) in enumerate(zip(hp_group, lp_group)):
+                add(f"param:{names.get(lp, f'group{i}.{j}')}", hp, lp)
+    elif stage == 0 and opt is inner:
+        kind = "zero0.fp32"
+        flat_params = getattr(engine, "_qsr_flat_params", None)
+        if flat_params is not None:
+            add("zero0.flat.fp32", flat_params)
+            state_keys = [(f"param:{n}", p) for n, p in engine.module.named_parameters()]
+        else:
+            flat = False
+            for name, p in engine.module.named_parameters():
+                add(f"param:{name}", p)
+    else:
+        raise UnsupportedEngineError(
+            f"qsr-ds does not know which tensors to average for ZeRO stage {stage} with {type(opt).__name__}"
+        )
+    if check_only:
+        return SyncPlan(kind, [])
+    flat_numel = min((t.numel() for _, t in tensors), default=0) if flat else 0
+    if average - {"params", "buffers"}:
+        for name, t in state_keys or list(tensors):
+            tensors.extend(_state(inner, t, name, average))
+    if "buffers" in average:
+        tensors.extend(
+            (f"buffer:{n}", b) for n, b in engine.module.named_buffers() if b is not None and b.is_floating_point()
+        )
+    return SyncPlan(kind, tensors, copies, refresh, flat_numel)
+
+
+def full_fp32_params(engine) -> list[tuple[str, Tensor]]:
+    """This replica's full fp32 (master) parameters in module order, on the CPU.
+
+    Under ZeRO 1-3 each is assembled from the replica's shards (a collective over the shard
+    group: every rank of the replica must call this). For summaries and tests, not the hot path.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+    from torch._utils import _unflatten_dense_tensors
+
+    _, FP16_Optimizer, FP16_UnfusedOptimizer, _, _ = _ds_classes()
+    opt, out = engine.optimizer, []
+    if engine.zero_optimization_stage() == 0:
+        masters: dict[Tensor, Tensor] = {}
+        if isinstance(opt, FP16_UnfusedOptimizer):
+            for lp_group, hp_group in zip(opt.fp16_groups, opt.fp32_groups):
+                masters.update(zip(lp_group, hp_group))
+        elif isinstance(opt, FP16_Optimizer):
+            for lp_group, hp_flat in zip(opt.fp16_groups, opt.fp32_groups_flat):
+                masters.update(zip(lp_group, _unflatten_dense_tensors(hp_flat, lp_group)))
+        for name, p in engine.module.named_parameters():
+            out.append((name, masters.get(p, p).detach().float().cpu()))
+        return out
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p)
+        if full is None and engine.zero_optimization_stage() < 3:
+            full = p  # not optimized (frozen): ZeRO 1/2 keep it whole
+        if full is None:
+            raise UnsupportedEngineError(f"no fp32 master for parameter {name} (frozen under ZeRO {engine.zero_optimization_stage()}?)")
+        out.append((name, full.detach().float().cpu()))
+    return out
+
+
+def fingerprint(named: list[tuple[str, Tensor]]) -> str:
+    """sha256 of names, shapes and fp32 bytes: equal iff the parameters are bitwise equal."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, t in named:
+        digest.update(f"{name}:{tuple(t.shape)};".encode())
+        digest.update(t.detach().float().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
