@@ -43,6 +43,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
+from . import checkpoint
 from .averager import AveragerTotals, ReplicaAverager, RoundStats
 from .config import AVERAGE_CHOICES, QSRConfig
 from .local import STATE_FIELDS
@@ -320,29 +321,19 @@ class FSDPQSR:
 
     # -- QSR state (model and optimizer go through DCP, see qsr_ds.fsdp_checkpoint) ---------
     def state_dict(self) -> dict:
-        return {
-            "tracker": self.tracker.state_dict(),
-            "totals": self.totals.state_dict(),
-            "num_replicas": self.topology.num_replicas,
-            "ranks_per_replica": self.topology.ranks_per_replica,
-            "average": list(self.average),
-        }
+        """Plain values: qsr_ds.checkpoint's QSR state (format, R, S, tracker, totals) plus ``average``."""
+        return dict(checkpoint.state_dict(self.tracker, self.totals, self.topology), average=list(self.average))
 
-    def check_compatible(self, state: dict) -> None:
-        """Raise FSDPSetupError if ``state`` was written on another mesh shape or averaging set."""
-        saved = (state.get("num_replicas"), state.get("ranks_per_replica"))
-        mine = (self.topology.num_replicas, self.topology.ranks_per_replica)
-        if saved != mine:
-            raise FSDPSetupError(
-                f"checkpoint was written on a {saved[0]} x {saved[1]} (replicate x shard) mesh but this run has "
-                f"{mine[0]} x {mine[1]}: a QSR checkpoint holds one state per replica and must be resumed on "
-                "the same mesh shape"
-            )
+    def check_compatible(self, state: dict, source: str = "checkpoint") -> None:
+        """Raise QSRCheckpointError if ``state`` was written on another mesh shape or averaging set."""
+        checkpoint.check_layout(state, self.topology, f"{source} (mesh replicate x shard)")
         if list(state.get("average", [])) != list(self.average):
-            raise FSDPSetupError(f"checkpoint averaged {state.get('average')}, this run averages {list(self.average)}")
+            raise checkpoint.QSRCheckpointError(
+                f"{source}: checkpoint averaged {state.get('average')}, this run averages {list(self.average)}"
+            )
 
-    def load_state_dict(self, state: dict) -> None:
-        self.check_compatible(state)
-        self.tracker.load_state_dict(state["tracker"])
+    def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
+        self.check_compatible(state, source)
+        checkpoint.check_schedule(self.tracker, state, source)
         self.totals.load_state_dict(state.get("totals") or {})
         self._sched_epoch = self._scheduler_epoch()

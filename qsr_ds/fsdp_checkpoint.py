@@ -26,11 +26,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .averager import ReplicaMismatchError
-from .fsdp import FSDPQSR, FSDPSetupError
+from .checkpoint import FORMAT, QSRCheckpointError
+from .fsdp import FSDPQSR
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, not a qsr-ds FSDP checkpoint, or inconsistent."""
+CheckpointError = QSRCheckpointError  # the same error as DeepSpeed checkpoints raise
 
 
 def _replica_key(qsr: FSDPQSR) -> str:
@@ -74,18 +73,21 @@ def read_qsr_state(path: str | os.PathLike) -> dict:
         dcp.load(entry, checkpoint_id=path)
     except Exception as err:  # DCP wraps a missing key in a CheckpointException
         raise CheckpointError(f"{path}: not a qsr-ds FSDP checkpoint (no readable 'qsr' entry): {err}") from None
-    return json.loads(entry["qsr"])
+    state = json.loads(entry["qsr"])
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: QSR checkpoint format {state.get('format')!r}, this qsr-ds reads {FORMAT}")
+    return state
 
 
 def load(path: str | os.PathLike, qsr: FSDPQSR, *, extra: dict | None = None) -> dict | None:
     """Restore what ``save`` wrote into the live model, optimizer, scheduler and QSR tracker.
 
     ``extra``: a dict of the same keys (and tensor shapes) as was saved, filled in place
-    and returned. Raises FSDPSetupError for a checkpoint from another mesh shape.
+    and returned. Raises QSRCheckpointError for a checkpoint from another mesh shape.
     """
     path = os.fspath(path)
     state = read_qsr_state(path)
-    qsr.check_compatible(state)
+    qsr.check_compatible(state, path)
     with qsr.paused():  # get_state_dict may run a zero-lr step to create optimizer state
         model_sd, optim_sd = get_state_dict(qsr.model, qsr.optimizer)
     replica = {"model": model_sd, "optim": optim_sd}
@@ -102,8 +104,8 @@ def load(path: str | os.PathLike, qsr: FSDPQSR, *, extra: dict | None = None) ->
     set_state_dict(qsr.model, qsr.optimizer, model_state_dict=to_load[key]["model"], optim_state_dict=to_load[key]["optim"])
     if qsr.lr_scheduler is not None:
         qsr.lr_scheduler.load_state_dict(to_load["lr_scheduler"])
-    qsr.load_state_dict(state)
+    qsr.load_state_dict(state, path)
     return to_load[key].get("extra")
 
 
-__all__ = ["CheckpointError", "FSDPSetupError", "load", "read_qsr_state", "save"]
+__all__ = ["CheckpointError", "QSRCheckpointError", "load", "read_qsr_state", "save"]

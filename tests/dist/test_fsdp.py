@@ -131,6 +131,7 @@ def _mesh_2x2_worker(rank, world, ckpt):
     from torch.distributed.fsdp import fully_shard
 
     from qsr_ds import fsdp_checkpoint
+    from qsr_ds.checkpoint import QSRCheckpointError
     from qsr_ds.fsdp import FSDPQSR, FSDPSetupError, init_mesh
     from qsr_ds.topology import TopologyError
 
@@ -176,7 +177,7 @@ def _mesh_2x2_worker(rank, world, ckpt):
     try:
         fsdp_checkpoint.load(ckpt, FSDPQSR(model, opt, mesh=other, qsr=SCHEDULE, average=average))
         out["errors"]["resume 4x1"] = None
-    except FSDPSetupError as err:
+    except QSRCheckpointError as err:
         out["errors"]["resume 4x1"] = str(err)
     return out
 
@@ -188,7 +189,7 @@ def test_2x2_mesh_averages_shards_resumes_and_refuses_bad_setups(tmp_path):
     assert "2-D mesh" in errors["1-D mesh"]
     assert "not wrapped by FSDP2" in errors["not FSDP"] and "shard_model" in errors["not FSDP"]
     assert "HSDP" in errors["HSDP"]
-    assert "2 x 2" in errors["resume 4x1"] and "4 x 1" in errors["resume 4x1"]
+    assert "R=2, S=2" in errors["resume 4x1"] and "R=4, S=1" in errors["resume 4x1"]
 
     planned = SCHEDULE.boundaries(lr_at)
     assert max(h for _, h in SCHEDULE.rounds(lr_at)) >= 3  # H grows as the LR decays
