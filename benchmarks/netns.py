@@ -73,8 +73,10 @@ class SlowLink:
             self.exec(ns, "tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "tbf",
                       "rate", f"{self.rate_mbit}mbit", "burst", "512kb", "latency", "100ms")
             if self.delay_ms:
-                self.exec(ns, "tc", "qdisc", "add", "dev", dev, "parent", "1:1", "handle", "10:",
-                          "netem", "delay", f"{self.delay_ms}ms")
+                done = _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "parent", "1:1",
+                           "handle", "10:", "netem", "delay", f"{self.delay_ms}ms", check=False)
+                if done.returncode:
+                    raise RuntimeError(f"cannot add a netem delay here ({done.stderr.strip()}); use delay 0")
 
     @staticmethod
     def exec(ns: str, *args: str) -> subprocess.CompletedProcess:
