@@ -28,4 +28,5 @@ def test_throughput_smoke(tmp_path):
     # data parallel sends far more over the link than QSR for the same steps
     assert rows["data_parallel"]["link_bytes"] > 3 * qsr["link_bytes"]
     # nothing is left behind
-    assert "qsr" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    assert not [name for name in left if name.startswith("qsr")], left
