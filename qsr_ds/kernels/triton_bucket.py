@@ -6,19 +6,24 @@ reaches them all and Triton's pointer arithmetic (and its alignment analysis) ap
 A block table (tensor index, first element) cuts the work into BLOCK-element pieces, one
 program each; a piece never spans two tensors, so every access is one masked vector.
 When every pointer, offset and size is a multiple of VEC elements, the launch says so
-(tl.multiple_of) and loads and stores go 16 bytes wide.
+(tl.multiple_of) and loads and stores go up to 16 bytes wide.
 
 The unpack launch writes the fp32 (or other) target and the rounded bf16/fp16 model copy
 from the same loaded values, and zeroes the reset tensors of the target's dtype in the
-same grid (their blocks come after the targets'). Tables are cached per call signature
-(the same buckets every round), so a round costs two small kernel launches per bucket.
+same grid (their blocks come after the targets'). Launch plans (device tables, widths)
+are cached per call signature (pointers, sizes, dtypes, offsets): the averager passes the
+same buckets every round, so a round costs two kernel launches per bucket and a dict
+lookup, and the calls can be captured in a CUDA graph.
 
 On CPU this runs only under TRITON_INTERPRET=1 (tests); ``load(cpu)`` says so otherwise.
-Values are converted through fp32, which is exact for the interpreter too.
+The interpreter rounds fp32 to bf16 by truncation, so there bf16 results are one rounding
+but not always round-to-nearest-even; on CUDA the conversion is round-to-nearest-even and
+results match the torch reference bit for bit.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -30,8 +35,9 @@ import triton.language as tl
 from .reference import ReferenceKernels
 
 BLOCK = 4096
+NUM_WARPS = 8
 FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_TABLE_CACHE_LIMIT = 256
+_PLAN_CACHE_LIMIT = 256
 
 
 @triton.jit
@@ -72,7 +78,7 @@ def _unpack_kernel(bucket, dst_base, copy_base, deltas, copy_deltas, numels, off
 
 
 @triton.jit
-def _nonfinite_kernel(base, deltas, numels, block_tensor, block_start, flags, BLOCK: tl.constexpr,
+def _nonfinite_kernel(base, deltas, numels, ids, block_tensor, block_start, flags, BLOCK: tl.constexpr,
                       VEC: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(block_tensor + pid)
@@ -84,7 +90,7 @@ def _nonfinite_kernel(base, deltas, numels, block_tensor, block_start, flags, BL
     x = tl.load(base + delta + idx, mask=mask, other=0.0).to(tl.float32)
     bad = tl.max(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=0)
     if bad > 0:
-        tl.store(flags + t, 1)
+        tl.store(flags + tl.load(ids + t), 1)
 
 
 def _interpreting() -> bool:
@@ -102,8 +108,14 @@ def load(device: torch.device) -> tuple["TritonKernels | None", str]:
     return None, f"Triton kernels run on CUDA tensors (on CPU only under TRITON_INTERPRET=1), not {device.type}"
 
 
-def _ok(t: Tensor, device: torch.device) -> bool:
-    return t.is_contiguous() and t.dtype in FAST_DTYPES and t.device == device
+def _sig(t: Tensor | None) -> tuple | None:
+    if t is None:
+        return None
+    return t.data_ptr(), t.numel(), t.dtype, t.device, t.is_contiguous()
+
+
+def _fast(sig: tuple | None, device: torch.device) -> bool:
+    return sig is not None and sig[4] and sig[2] in FAST_DTYPES and sig[3] == device
 
 
 def _vec(ptrs: Sequence[tuple[int, int]], numels: Sequence[int], offsets: Sequence[int]) -> int:
@@ -118,160 +130,194 @@ def _vec(ptrs: Sequence[tuple[int, int]], numels: Sequence[int], offsets: Sequen
     return 1
 
 
-class _Tables:
-    """Device-side int64 tables for one launch."""
+@dataclass
+class _Launch:
+    """One kernel launch: which tensors of the call, its device tables and vector width."""
 
-    def __init__(self, device, deltas, numels, offsets, copy_deltas=None):
-        blocks_t, blocks_s = [], []
-        for i, n in enumerate(numels):
-            for s in range(0, n, BLOCK):
-                blocks_t.append(i)
-                blocks_s.append(s)
-        rows = [deltas, numels, offsets or [0] * len(numels), copy_deltas or [0] * len(numels)]
-        packed = torch.tensor(rows, dtype=torch.int64) if numels else torch.zeros((4, 0), dtype=torch.int64)
-        blocks = torch.tensor([blocks_t, blocks_s], dtype=torch.int64).reshape(2, -1)
-        both = torch.cat([packed.reshape(-1), blocks.reshape(-1)]).to(device, non_blocking=False)
-        k = len(numels)
-        self.deltas, self.numels, self.offsets, self.copy_deltas = (both[i * k:(i + 1) * k] for i in range(4))
-        nb = len(blocks_t)
-        self.block_tensor = both[4 * k:4 * k + nb]
-        self.block_start = both[4 * k + nb:]
-        self.grid = (nb,)
+    members: list[int]      # indices into the call's tensors (targets, then resets for unpack)
+    deltas: Tensor
+    numels: Tensor
+    offsets: Tensor
+    extra: Tensor           # copy deltas (unpack) or original indices (scan)
+    block_tensor: Tensor
+    block_start: Tensor
+    grid: tuple
+    vec: int
+    n_targets: int = 0
+    copy_index: int | None = None  # index of the first member's copy (unpack with copies)
+
+
+def _launch(device, block: int, members, ptrs, elsize, numels, offsets, extra, vec, **kw) -> _Launch:
+    deltas = [(p - ptrs[0]) // elsize for p in ptrs]
+    blocks_t, blocks_s = [], []
+    for i, n in enumerate(numels):
+        for s in range(0, n, block):
+            blocks_t.append(i)
+            blocks_s.append(s)
+    k, nb = len(numels), len(blocks_t)
+    host = torch.tensor(deltas + list(numels) + list(offsets) + list(extra) + blocks_t + blocks_s, dtype=torch.int64)
+    dev = host.to(device)
+    rows = [dev[i * k:(i + 1) * k] for i in range(4)]
+    return _Launch(members, *rows, dev[4 * k:4 * k + nb], dev[4 * k + nb:], (nb,), vec, **kw)
 
 
 class TritonKernels:
     name = "triton"
 
-    def __init__(self) -> None:
+    def __init__(self, block: int = BLOCK, num_warps: int = NUM_WARPS) -> None:
+        self.block = block
+        self.num_warps = num_warps
         self._reference = ReferenceKernels()
-        self._tables: dict[tuple, _Tables] = {}
+        self._plans: dict[tuple, object] = {}
 
-    # -- table cache --------------------------------------------------------------------
-    def _cached(self, key: tuple, make) -> _Tables:
-        tables = self._tables.get(key)
-        if tables is None:
-            if len(self._tables) >= _TABLE_CACHE_LIMIT:
-                self._tables.clear()
-            tables = self._tables[key] = make()
-        return tables
+    def _plan(self, key: tuple, make):
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= _PLAN_CACHE_LIMIT:
+                self._plans.clear()
+            plan = self._plans[key] = make()
+        return plan
 
     # -- pack -----------------------------------------------------------------------------
     def pack(self, sources: Sequence[Tensor], bucket: Tensor, offsets: Sequence[int], scale: float) -> None:
+        sigs = tuple(_sig(t) for t in sources)
+        key = ("pack", _sig(bucket), tuple(offsets), sigs)
+        launches, slow = self._plan(key, lambda: self._pack_plan(bucket, sigs, offsets))
+        for i in slow:  # same two steps as the reference: copy into fp32, then scale
+            t = sources[i]
+            view = bucket[offsets[i]: offsets[i] + t.numel()]
+            view.view(t.shape).copy_(t)
+            view.mul_(scale)
+        for ln in launches:
+            _pack_kernel[ln.grid](sources[ln.members[0]], bucket, ln.deltas, ln.numels, ln.offsets, ln.block_tensor,
+                                  ln.block_start, float(scale), BLOCK=self.block, VEC=ln.vec,
+                                  num_warps=self.num_warps)
+
+    def _pack_plan(self, bucket: Tensor, sigs, offsets):
         device = bucket.device
         groups: dict[torch.dtype, list[int]] = {}
-        for i, t in enumerate(sources):
-            if t.numel() == 0:
+        slow = []
+        for i, sig in enumerate(sigs):
+            if sig[1] == 0:
                 continue
-            if _ok(t, device):
-                groups.setdefault(t.dtype, []).append(i)
-            else:  # same two steps as the reference: copy into fp32, then scale
-                view = bucket[offsets[i]: offsets[i] + t.numel()]
-                view.view(t.shape).copy_(t)
-                view.mul_(scale)
+            if _fast(sig, device):
+                groups.setdefault(sig[2], []).append(i)
+            else:
+                slow.append(i)
+        launches = []
         for dtype, idx in groups.items():
-            base = sources[idx[0]]
-            elsize = base.element_size()
-            ptrs = [sources[i].data_ptr() for i in idx]
-            numels = [sources[i].numel() for i in idx]
+            elsize = torch.empty((), dtype=dtype).element_size()
+            ptrs = [sigs[i][0] for i in idx]
+            numels = [sigs[i][1] for i in idx]
             offs = [offsets[i] for i in idx]
-            key = ("pack", dtype, bucket.data_ptr(), tuple(ptrs), tuple(numels), tuple(offs))
-
-            def make():
-                deltas = [(p - ptrs[0]) // elsize for p in ptrs]
-                return _Tables(device, deltas, numels, offs)
-
-            tb = self._cached(key, make)
             vec = _vec([(p, elsize) for p in ptrs] + [(bucket.data_ptr(), 4)], numels, offs)
-            _pack_kernel[tb.grid](base, bucket, tb.deltas, tb.numels, tb.offsets, tb.block_tensor, tb.block_start,
-                                  float(scale), BLOCK=BLOCK, VEC=vec, num_warps=8)
+            launches.append(_launch(device, self.block, idx, ptrs, elsize, numels, offs, [0] * len(idx), vec))
+        return launches, slow
 
     # -- unpack ---------------------------------------------------------------------------
     def unpack(self, bucket: Tensor, targets: Sequence[Tensor], offsets: Sequence[int],
                copies: Sequence[Tensor | None], resets: Sequence[Tensor] = ()) -> None:
-        device = bucket.device
         copies = list(copies) if copies else [None] * len(targets)
-        groups: dict[tuple, list[int]] = {}
-        for i, (t, c) in enumerate(zip(targets, copies)):
-            if t.numel() == 0:
-                continue
-            if _ok(t, device) and (c is None or _ok(c, device)):
-                groups.setdefault((t.dtype, None if c is None else c.dtype), []).append(i)
-            else:
-                view = bucket[offsets[i]: offsets[i] + t.numel()].view(t.shape)
-                t.copy_(view)
-                if c is not None:
-                    c.copy_(view)
-        reset_groups: dict[torch.dtype, list[Tensor]] = {}
-        for r in resets:
-            if r.numel() == 0:
-                continue
-            if _ok(r, device):
-                reset_groups.setdefault(r.dtype, []).append(r)
-            else:
-                r.zero_()
-        if not groups and reset_groups:  # resets alone: a launch over them as "targets" of nothing
-            for dtype, rs in reset_groups.items():
-                self._launch_unpack(bucket, [], [], [], rs)
-            return
-        for key, idx in groups.items():
-            rs = reset_groups.pop(key[0], [])  # resets of the target dtype ride in the same launch
-            self._launch_unpack(bucket, [targets[i] for i in idx], [offsets[i] for i in idx],
-                                [copies[i] for i in idx], rs)
-        for rs in reset_groups.values():
-            self._launch_unpack(bucket, [], [], [], rs)
+        tsigs = tuple(_sig(t) for t in targets)
+        csigs = tuple(_sig(c) for c in copies)
+        rsigs = tuple(_sig(r) for r in resets)
+        key = ("unpack", _sig(bucket), tuple(offsets), tsigs, csigs, rsigs)
+        launches, slow, slow_resets = self._plan(key, lambda: self._unpack_plan(bucket, tsigs, csigs, rsigs, offsets))
+        for i in slow:
+            t, c = targets[i], copies[i]
+            view = bucket[offsets[i]: offsets[i] + t.numel()].view(t.shape)
+            t.copy_(view)
+            if c is not None:
+                c.copy_(view)
+        for j in slow_resets:
+            resets[j].zero_()
+        n = len(targets)
+        for ln in launches:
+            first = ln.members[0]
+            base = targets[first] if first < n else resets[first - n]
+            has_copy = ln.copy_index is not None
+            copy_base = copies[ln.copy_index] if has_copy else base
+            _unpack_kernel[ln.grid](bucket, base, copy_base, ln.deltas, ln.extra, ln.numels, ln.offsets,
+                                    ln.block_tensor, ln.block_start, ln.n_targets, HAS_COPY=has_copy,
+                                    BLOCK=self.block, VEC=ln.vec, num_warps=self.num_warps)
 
-    def _launch_unpack(self, bucket: Tensor, targets, offsets, copies, resets) -> None:
+    def _unpack_plan(self, bucket: Tensor, tsigs, csigs, rsigs, offsets):
         device = bucket.device
-        every = list(targets) + list(resets)
-        base = every[0]
-        elsize = base.element_size()
-        ptrs = [t.data_ptr() for t in every]
-        numels = [t.numel() for t in every]
-        has_copy = bool(copies) and copies[0] is not None
-        cptrs = [c.data_ptr() for c in copies] if has_copy else []
-        key = ("unpack", base.dtype, copies[0].dtype if has_copy else None, bucket.data_ptr(), tuple(ptrs),
-               tuple(numels), tuple(offsets), tuple(cptrs), len(targets))
+        n = len(tsigs)
+        groups: dict[tuple, list[int]] = {}
+        slow = []
+        for i, (ts, cs) in enumerate(zip(tsigs, csigs)):
+            if ts[1] == 0:
+                continue
+            if _fast(ts, device) and (cs is None or _fast(cs, device)):
+                groups.setdefault((ts[2], None if cs is None else cs[2]), []).append(i)
+            else:
+                slow.append(i)
+        reset_groups: dict[torch.dtype, list[int]] = {}
+        slow_resets = []
+        for j, rs in enumerate(rsigs):
+            if rs[1] == 0:
+                continue
+            if _fast(rs, device):
+                reset_groups.setdefault(rs[2], []).append(j)
+            else:
+                slow_resets.append(j)
+        launches = []
+        for (dtype, copy_dtype), idx in groups.items():
+            rs = reset_groups.pop(dtype, [])  # resets of the target dtype ride in the same launch
+            launches.append(self._unpack_launch(bucket, tsigs, csigs, rsigs, offsets, idx, rs, copy_dtype))
+        for dtype, rs in reset_groups.items():
+            launches.append(self._unpack_launch(bucket, tsigs, csigs, rsigs, offsets, [], rs, None))
+        return launches, slow, slow_resets
 
-        def make():
-            deltas = [(p - ptrs[0]) // elsize for p in ptrs]
-            cdeltas = [(p - cptrs[0]) // copies[0].element_size() for p in cptrs] if has_copy else None
-            return _Tables(device, deltas, numels, list(offsets) + [0] * len(resets),
-                           (cdeltas + [0] * len(resets)) if has_copy else None)
-
-        tb = self._cached(key, make)
-        csize = copies[0].element_size() if has_copy else elsize
-        vec = _vec([(p, elsize) for p in ptrs] + [(p, csize) for p in cptrs] + [(bucket.data_ptr(), 4)], numels,
-                   list(offsets))
-        copy_base = copies[0] if has_copy else base
-        _unpack_kernel[tb.grid](bucket, base, copy_base, tb.deltas, tb.copy_deltas, tb.numels, tb.offsets,
-                                tb.block_tensor, tb.block_start, len(targets), HAS_COPY=has_copy, BLOCK=BLOCK,
-                                VEC=vec, num_warps=8)
+    def _unpack_launch(self, bucket, tsigs, csigs, rsigs, offsets, idx, rs, copy_dtype) -> _Launch:
+        n = len(tsigs)
+        every = [tsigs[i] for i in idx] + [rsigs[j] for j in rs]
+        elsize = torch.empty((), dtype=every[0][2]).element_size()
+        ptrs = [s[0] for s in every]
+        numels = [s[1] for s in every]
+        offs = [offsets[i] for i in idx]
+        pairs = [(p, elsize) for p in ptrs] + [(bucket.data_ptr(), 4)]
+        cdeltas = [0] * len(every)
+        if copy_dtype is not None:
+            csize = torch.empty((), dtype=copy_dtype).element_size()
+            cptrs = [csigs[i][0] for i in idx]
+            cdeltas = [(p - cptrs[0]) // csize for p in cptrs] + [0] * len(rs)
+            pairs += [(p, csize) for p in cptrs]
+        vec = _vec(pairs, numels, offs)
+        return _launch(bucket.device, self.block, list(idx) + [n + j for j in rs], ptrs, elsize, numels,
+                       offs + [0] * len(rs), cdeltas, vec, n_targets=len(idx),
+                       copy_index=idx[0] if copy_dtype is not None else None)
 
     # -- non-finite scan ------------------------------------------------------------------
     def first_nonfinite(self, tensors: Sequence[Tensor]) -> int:
         if not tensors:
             return -1
         device = tensors[0].device
-        if not all(_ok(t, device) for t in tensors):
+        sigs = tuple(_sig(t) for t in tensors)
+        if not all(_fast(s, device) for s in sigs):
             from .cpp import _first_nonfinite_slow
 
             return _first_nonfinite_slow(self._reference, tensors)
-        flags = torch.zeros(len(tensors), dtype=torch.int32, device=device)
-        groups: dict[torch.dtype, list[int]] = {}
-        for i, t in enumerate(tensors):
-            if t.numel():
-                groups.setdefault(t.dtype, []).append(i)
-        for dtype, idx in groups.items():
-            base = tensors[idx[0]]
-            elsize = base.element_size()
-            ptrs = [tensors[i].data_ptr() for i in idx]
-            numels = [tensors[i].numel() for i in idx]
-            key = ("scan", dtype, tuple(ptrs), tuple(numels))
-            tb = self._cached(key, lambda: _Tables(device, [(p - ptrs[0]) // elsize for p in ptrs], numels, None))
-            vec = _vec([(p, elsize) for p in ptrs], numels, [])
-            sub = torch.zeros(len(idx), dtype=torch.int32, device=device)
-            _nonfinite_kernel[tb.grid](base, tb.deltas, tb.numels, tb.block_tensor, tb.block_start, sub,
-                                       BLOCK=BLOCK, VEC=vec, num_warps=8)
-            flags[torch.tensor(idx, device=device)] = sub
+        launches, flags = self._plan(("scan", sigs), lambda: self._scan_plan(device, sigs))
+        flags.zero_()
+        for ln in launches:
+            _nonfinite_kernel[ln.grid](tensors[ln.members[0]], ln.deltas, ln.numels, ln.extra, ln.block_tensor,
+                                       ln.block_start, flags, BLOCK=self.block, VEC=ln.vec,
+                                       num_warps=self.num_warps)
         bad = flags.nonzero()
         return int(bad[0, 0]) if bad.numel() else -1
+
+    def _scan_plan(self, device, sigs):
+        groups: dict[torch.dtype, list[int]] = {}
+        for i, s in enumerate(sigs):
+            if s[1]:
+                groups.setdefault(s[2], []).append(i)
+        launches = []
+        for dtype, idx in groups.items():
+            elsize = torch.empty((), dtype=dtype).element_size()
+            ptrs = [sigs[i][0] for i in idx]
+            numels = [sigs[i][1] for i in idx]
+            vec = _vec([(p, elsize) for p in ptrs], numels, [])
+            launches.append(_launch(device, self.block, idx, ptrs, elsize, numels, [0] * len(idx), idx, vec))
+        return launches, torch.zeros(len(sigs), dtype=torch.int32, device=device)
