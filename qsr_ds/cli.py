@@ -41,7 +41,44 @@ def _add_plan(subparsers) -> None:
     p.set_defaults(func=_plan)
 
 
-COMMANDS = [_add_plan]
+def _info(args: argparse.Namespace) -> int:
+    import platform
+    from importlib import metadata
+
+    import torch
+
+    from . import __version__
+    from .kernels import describe_backends
+
+    versions = {"qsr-ds": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    for dist in ("triton", "deepspeed"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    versions["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
+    backends = describe_backends()
+    if args.json:
+        print(json.dumps({"versions": versions, "kernels": backends}))
+        return 0
+    for name, version in versions.items():
+        print(f"{name:10s} {version or 'not available'}")
+    print("kernel back-ends:")
+    for name in ("torch", "cpp", "triton"):
+        entry = backends[name]
+        where = ", ".join(entry["devices"])
+        print(f"  {name:7s} " + (f"available ({where})" if entry["available"] else f"unavailable: {entry['reason']}"))
+    print("  auto    " + ", ".join(f"{dev} -> {name}" for dev, name in backends["auto"].items()))
+    return 0
+
+
+def _add_info(subparsers) -> None:
+    p = subparsers.add_parser("info", help="versions and which kernel back-ends can run here (and why not)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_info)
+
+
+COMMANDS = [_add_plan, _add_info]
 
 
 def build_parser() -> argparse.ArgumentParser:
