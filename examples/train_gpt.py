@@ -2,6 +2,7 @@
 
     DS_ACCELERATOR=cpu deepspeed --num_gpus 4 examples/train_gpt.py --deepspeed_config configs/qsr.json
     DS_ACCELERATOR=cpu torchrun --nproc_per_node 4 examples/train_gpt.py --deepspeed_config configs/qsr.json
+    torchrun --nproc_per_node 4 examples/train_gpt.py --fsdp --ranks-per-replica 2   (FSDP2, examples/fsdp_engine.py)
 
 Inside a replica DeepSpeed (ZeRO stage from the JSON) runs as usual over S ranks; across
 replicas nothing is sent until a QSR boundary. Rank 0 shows a progress bar (loss, lr, H,
@@ -41,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default="configs/qsr.json",
                    help="DeepSpeed JSON with a \"qsr\" section (default: configs/qsr.json)")
     p.add_argument("--ranks-per-replica", type=int, help="S; overrides qsr.ranks_per_replica of the JSON")
+    p.add_argument("--fsdp", action="store_true",
+                   help="FSDP2 inside each replica instead of DeepSpeed (same JSON, data and summary; needs torchrun)")
     p.add_argument("--steps", type=int, help="stop after this many optimizer steps (default: qsr.total_steps)")
     p.add_argument("--save-dir", help="checkpoint directory")
     p.add_argument("--save-every", type=int, default=0, help="save every N steps (and at the end) when > 0")
@@ -229,7 +232,8 @@ def _quiet(verbose: bool) -> None:
 
 def run(args: argparse.Namespace, make_trainer=DeepSpeedTrainer) -> dict | None:
     _set_threads()
-    _quiet(args.verbose)
+    if not getattr(args, "fsdp", False):  # --fsdp neither needs nor imports DeepSpeed
+        _quiet(args.verbose)
     torch.manual_seed(args.seed)
     cfg = GPTConfig(seq_len=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model)
     model = GPT(cfg)
@@ -345,7 +349,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     code = 0
     try:
-        run(args)
+        if args.fsdp:
+            from fsdp_engine import FSDPTrainer
+
+            run(args, FSDPTrainer)
+        else:
+            run(args)
     except SystemExit as err:
         code = err.code if isinstance(err.code, int) else 1
         if not isinstance(err.code, int) and err.code:
