@@ -97,7 +97,6 @@ class QSRHook:
         self.totals = AveragerTotals()
         self.averager: ReplicaAverager | None = None
         self._plan_key: list | None = None
-        self._plan: ds_state.SyncPlan | None = None
         self.last_round: RoundStats | None = None
         if topology.num_replicas > 1:
             ds_state.prepare(engine)
