@@ -388,6 +388,7 @@ def test_cpp_turned_off_falls_back_and_says_why():
 def test_cpp_missing_source_is_reported(monkeypatch, tmp_path):
     from qsr_ds.kernels import cpp
 
+    monkeypatch.delenv("QSR_DS_NO_CPP", raising=False)
     monkeypatch.setattr(cpp, "_module", None)
     monkeypatch.setattr(cpp, "_failure", None)
     monkeypatch.setattr(cpp, "SOURCE", tmp_path / "csrc" / "multi_tensor.cpp")
