@@ -25,9 +25,12 @@ Therefore, when ``lr_scheduler`` is given, QSR owns it: the hook steps the sched
 right after the optimizer step and then reads ``param_groups[0]["lr"]``, which is then
 exactly the LR of the next step. The training loop must not call ``sched.step()`` itself;
 if it does, the next optimizer step raises (the scheduler's ``last_epoch`` moved behind
-QSR's back). Without a scheduler the hook reads the LR as the optimizer left it, which is
-the next step's LR when nothing changes it between steps (constant LR, or a loop that
-sets the LR *before* ``optimizer.step()`` for the step after). A plain hook was preferred
+QSR's back). Without a scheduler the hook reads the LR the optimizer holds after the step,
+which is the next step's LR only if nothing changes it in between (a constant LR); a loop
+that sets the LR by hand should express it as a scheduler (e.g. LambdaLR) and hand that
+to QSR. A scheduler given to QSR must step once per optimizer step with no arguments (not
+ReduceLROnPlateau, not per epoch); with such a scheduler H is decided from a possibly stale
+LR. A plain hook was preferred
 to a ``qsr.step()`` wrapper so that a direct ``optimizer.step()``, as FSDP code usually
 calls it, can never be missed by the step count.
 """
