@@ -133,12 +133,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     ds = load_config(cli.deepspeed, cli.max_steps, cli.no_qsr)
-    args = training_arguments(ds, cli)  # starts torch.distributed
     set_seed(cli.seed)  # every replica starts from the same weights
+    # built before the TrainingArguments: with ZeRO-3 transformers would otherwise partition it over
+    # all ranks (zero.Init), while the engine partitions it inside a replica
     model = GPT2LMHeadModel(GPT2Config(
         vocab_size=256, n_positions=cli.seq_len, n_embd=cli.d_model, n_layer=cli.n_layer,
         n_head=max(1, cli.d_model // 32), bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
         attn_pdrop=0.0))
+    args = training_arguments(ds, cli)  # starts torch.distributed
     corpus = ByteCorpus()
     world = args.world_size
     per_step = world * args.per_device_train_batch_size * args.gradient_accumulation_steps

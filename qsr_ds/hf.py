@@ -74,9 +74,10 @@ def _check_not_zero3_initialized(model, qsr: QSRConfig) -> None:
     if group is not None and dist.get_world_size(group) != qsr.ranks_per_replica:
         raise QSRConfigError(
             f"qsr: the model's ZeRO-3 parameters are partitioned over {dist.get_world_size(group)} ranks, "
-            f"but a replica has ranks_per_replica={qsr.ranks_per_replica}: transformers partitions a model "
-            "over the whole world when it is built after TrainingArguments(deepspeed=<ZeRO-3 config>); build "
-            "the model before the TrainingArguments so that the engine partitions it inside the replica"
+            f"but a replica has ranks_per_replica={qsr.ranks_per_replica}: from_pretrained / from_config "
+            "partition a model over all ranks (zero.Init) once TrainingArguments(deepspeed=<ZeRO-3 config>) "
+            "exist; load or build the model before the TrainingArguments, and the engine partitions it "
+            "inside the replica"
         )
 
 
