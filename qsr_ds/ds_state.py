@@ -105,8 +105,12 @@ def _state(inner: torch.optim.Optimizer, tensor: Tensor, name: str, average) -> 
     return out
 
 
-def plan(engine, average, *, check_only: bool = False) -> SyncPlan:
-    """The tensors of this rank for ``qsr.average`` (params, buffers, optimizer state)."""
+def plan(engine, average, topology=None, *, check_only: bool = False) -> SyncPlan:
+    """The tensors of this rank for ``qsr.average`` (params, buffers, optimizer state).
+
+    With ``topology`` and ZeRO 0 over S > 1 ranks, each rank of a replica averages only its
+    1/S share (see ``_share_zero0``); without it, every tensor (for inspection and tests).
+    """
     BF16_Optimizer, FP16_Optimizer, FP16_UnfusedOptimizer, ZeroOptimizer, ZeroOptimizerStage3 = _ds_classes()
     opt, stage = engine.optimizer, engine.zero_optimization_stage()
     inner = engine.basic_optimizer
@@ -182,7 +186,51 @@ def plan(engine, average, *, check_only: bool = False) -> SyncPlan:
         tensors.extend(
             (f"buffer:{n}", b) for n, b in engine.module.named_buffers() if b is not None and b.is_floating_point()
         )
+    if stage == 0 and topology is not None and topology.ranks_per_replica > 1:
+        return _share_zero0(SyncPlan(kind, tensors, copies, refresh, flat_numel), topology)
     return SyncPlan(kind, tensors, copies, refresh, flat_numel)
+
+
+def _share_zero0(full: SyncPlan, topology) -> SyncPlan:
+    """ZeRO 0 holds S identical copies of everything in a replica: split the averaging S ways.
+
+    Flat fp32 buffers are cut into S contiguous chunks, other tensors are dealt out greedily by
+    size (the same deal on every rank). Rank k of each replica averages its share with rank k
+    of the other replicas, then each share is broadcast from its owner inside the replica. The
+    bytes sent across replicas per replica are then one model, not S models.
+    """
+    import torch.distributed as dist
+
+    ranks, k = topology.ranks_per_replica, topology.shard_rank
+    parts: list[tuple[str, Tensor, int]] = []
+    load = [0] * ranks
+    for name, t in full.tensors:
+        if name not in full.copies and full.flat_numel and t.is_contiguous() and t.numel() >= 1024 * ranks:
+            chunk = -(-t.numel() // ranks)
+            for j in range(ranks):
+                piece = t.view(-1)[j * chunk:(j + 1) * chunk]
+                parts.append((f"{name}[{j}/{ranks}]", piece, j))
+                load[j] += piece.numel()
+        else:
+            owner = min(range(ranks), key=lambda j: load[j])
+            parts.append((name, t, owner))
+            load[owner] += t.numel()
+    mine = [(n, t) for n, t, owner in parts if owner == k]
+    chunks = [t.numel() for n, t in mine if n.endswith(f"/{ranks}]")]
+
+    @torch.no_grad()
+    def refresh() -> None:
+        group, members = topology.shard_group, topology.shard_ranks
+        works = [dist.broadcast(t, src=members[owner], group=group, async_op=True) for _, t, owner in parts]
+        for work in works:
+            work.wait()
+        for name, t, owner in parts:
+            if owner != k and name in full.copies:
+                full.copies[name].copy_(t)
+        full.refresh()
+
+    copies = {n: full.copies[n] for n, _ in mine if n in full.copies}
+    return SyncPlan(full.kind, mine, copies, refresh, min(chunks) if chunks else 0)
 
 
 def full_fp32_params(engine) -> list[tuple[str, Tensor]]:

@@ -32,9 +32,9 @@ def ds_config(stage, bf16=False, *, ranks_per_replica=None, average=("params",),
     if fp16:
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 8}
     if stage == 3 and bf16:  # every parameter partitioned, several sub-groups
-        cfg["zero_optimization"].update(stage3_param_persistence_threshold=0, sub_group_size=200)
+        cfg["zero_optimization"].update(stage3_param_persistence_threshold=0, sub_group_size=1000)
     if stage == 3 and not bf16:  # default: small parameters persist (gathered) between steps
-        cfg["zero_optimization"].update(sub_group_size=300)
+        cfg["zero_optimization"].update(sub_group_size=3000)
     if ranks_per_replica is not None:
         cfg["qsr"] = dict(QSR, ranks_per_replica=ranks_per_replica, average=list(average))
     return cfg
@@ -42,8 +42,11 @@ def ds_config(stage, bf16=False, *, ranks_per_replica=None, average=("params",),
 
 def make_model():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(),
-                               torch.nn.Linear(16, 4))
+    return torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),
+                               torch.nn.Linear(64, 4))
+
+
+N_PARAMS = 8 * 64 + 64 + 64 * 64 + 64 + 64 * 4 + 4
 
 
 def batch(step, replica, shard):
@@ -227,11 +230,16 @@ def test_replicas_identical_after_each_boundary_and_zero_inside(replica_results,
     for run in runs:
         assert run["dp"] == 2 and run["rounds"] == len(BOUNDARIES) == len(planned_rounds())
         assert [e["step"] for e in run["log"] if e["boundary"]] == BOUNDARIES
-        assert run["bytes"] > 0
         if stage in (1, 2):  # ZeRO partitions over the 2 ranks of the replica, not the 4 of the world
             assert run["partitions"] == [2] * len(run["partitions"])
         if stage == 3:
             assert run["partitions"] == 2
+    # one replica sends its fp32 state once per round (ZeRO 0: each rank a 1/S share of the full copy)
+    per_replica = [runs[0]["bytes"] + runs[1]["bytes"], runs[2]["bytes"] + runs[3]["bytes"]]
+    assert per_replica[0] == per_replica[1] > 0
+    if stage == 0:
+        assert runs[0]["bytes"] > 0 and runs[1]["bytes"] > 0
+        assert per_replica[0] == len(BOUNDARIES) * 4 * N_PARAMS * len(runs[0]["average"])
     averaged_exp_avg = "exp_avg" in runs[0]["average"]
     for i in range(STEPS):
         e = [run["log"][i] for run in runs]
