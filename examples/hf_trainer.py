@@ -131,7 +131,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     from qsr_ds.hf import QSRTrainer
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     ds = load_config(cli.deepspeed, cli.max_steps, cli.no_qsr)
     set_seed(cli.seed)  # every replica starts from the same weights
     # built before the TrainingArguments: with ZeRO-3 transformers would otherwise partition it over
