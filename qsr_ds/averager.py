@@ -92,6 +92,19 @@ def layout_of(named: Sequence[tuple[str, Tensor]]) -> list[tuple[str, tuple, str
     return [(name, tuple(t.shape), str(t.dtype).replace("torch.", "")) for name, t in named]
 
 
+def module_signature(module) -> list[tuple[str, tuple, str]]:
+    """(name, shape, dtype) of every parameter of a module, in registration order.
+
+    For averagers whose tensors are flat shards (ZeRO): two replicas running different model
+    code can hold shards of the same size, which the shards' own layout cannot tell apart.
+    Partitioned ZeRO-3 parameters report their full shape (``ds_shape``).
+    """
+    return [
+        (f"module:{name}", tuple(getattr(p, "ds_shape", None) or p.shape), str(p.dtype).replace("torch.", ""))
+        for name, p in module.named_parameters()
+    ]
+
+
 def fingerprint(layout: Iterable[tuple]) -> int:
     digest = hashlib.sha256(repr(list(layout)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 62) - 1)
@@ -102,7 +115,9 @@ class ReplicaAverager:
 
     ``tensors``: (name, tensor) pairs in the same order on every replica. ``copies``
     maps a name to a low-precision model copy refreshed from the averaged value in the
-    same unpack pass (e.g. the bf16 parameter of an fp32 master).
+    same unpack pass (e.g. the bf16 parameter of an fp32 master). ``signature``: extra
+    (name, shape, dtype) entries every replica must agree on before anything is averaged,
+    e.g. ``module_signature(model)`` when the tensors are flat shards.
     """
 
     def __init__(
@@ -114,6 +129,7 @@ class ReplicaAverager:
         bucket_mb: float = 64.0,
         kernel: str = "auto",
         check_finite: bool = True,
+        signature: Sequence[tuple] = (),
     ) -> None:
         self.topology = topology
         self.named = [(str(n), t) for n, t in tensors]
@@ -127,7 +143,8 @@ class ReplicaAverager:
             if name in copies and copies[name].shape != t.shape:
                 raise ValueError(f"copy of {name} has shape {tuple(copies[name].shape)}, expected {tuple(t.shape)}")
         self.check_finite = check_finite
-        self.layout = layout_of(self.named)
+        self.signature = [(str(n), tuple(shape), str(dtype)) for n, shape, dtype in signature]
+        self.layout = self.signature + layout_of(self.named)  # a model difference is named first
         self.fingerprint = fingerprint(self.layout)
         self.bucket_numel = max(1, int(bucket_mb * 2**20) // FP32_BYTES)
         self.in_place: list[Tensor] = []
@@ -301,9 +318,12 @@ class ReplicaAverager:
             a = ref[i] if i < len(ref) else None
             b = other[i] if i < len(other) else None
             if a != b:
+                in_model = i < len(self.signature)
+                what = f"model parameter #{i}" if in_model else f"tensor #{i - len(self.signature)}"
                 raise ReplicaMismatchError(
-                    f"replica {rank // per_replica} (rank {rank}) has a different tensor layout than replica 0: "
-                    f"tensor #{i} is {b} there but {a} on replica 0; nothing was averaged"
+                    f"replica {rank // per_replica} (rank {rank}) has a different "
+                    f"{'model (other model code?)' if in_model else 'tensor layout'} than replica 0: "
+                    f"{what} is {b} there but {a} on replica 0; nothing was averaged"
                 )
         raise ReplicaMismatchError(f"replica {rank // per_replica} (rank {rank}) has a different tensor layout")
 

@@ -50,7 +50,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import ds_state
-from .averager import AveragerTotals, ReplicaAverager, RoundStats
+from .averager import AveragerTotals, ReplicaAverager, RoundStats, module_signature
 from .config import QSRConfig, QSRConfigError, load as load_qsr_config, read_json
 from .schedule import SyncTracker
 from .topology import Topology, check_divides
@@ -145,6 +145,8 @@ class QSRHook:
                 bucket_mb=bucket_mb,
                 kernel=self.config.kernel,
                 check_finite=self.config.check_finite,
+                # ZeRO's flat shards hide the parameters: other model code of the same size would pass
+                signature=module_signature(self.engine.module),
             )
             self.averager.totals = self.totals
             self._plan_key = plan.key
