@@ -96,8 +96,42 @@ def list_files(save_dir: str | os.PathLike, tag: str, num_replicas: int) -> dict
     return dict(sorted(out.items()))
 
 
-def write_manifest(save_dir: str | os.PathLike, tag: str, state: Mapping, *, step: int) -> str:
-    """Rank 0, after every rank has written its files."""
+def model_layout(module) -> list[list]:
+    """[name, shape] of every parameter in registration order (full shapes under ZeRO-3), for the manifest."""
+    from .averager import module_signature
+
+    return [[name.removeprefix("module:"), list(shape)] for name, shape, _ in module_signature(module)]
+
+
+def check_model(manifest: Mapping, module, source: str) -> None:
+    """The checkpoint holds this model (names, shapes, order), checked before the engine reads a byte."""
+    saved = manifest.get("model")
+    if saved is None:  # written before manifests recorded the model
+        return
+    mine = model_layout(module)
+    if saved == mine:
+        return
+    saved_shapes, my_shapes = {n: tuple(s) for n, s in saved}, {n: tuple(s) for n, s in mine}
+    problems = []
+    missing = [n for n in my_shapes if n not in saved_shapes]
+    unknown = [n for n in saved_shapes if n not in my_shapes]
+    resized = [f"{n} {saved_shapes[n]} there, {my_shapes[n]} here" for n in my_shapes
+               if n in saved_shapes and saved_shapes[n] != my_shapes[n]]
+    for label, names in (("not in the checkpoint", missing), ("only in the checkpoint", unknown),
+                         ("other shape", resized)):
+        if names:
+            more = f" (+{len(names) - 3} more)" if len(names) > 3 else ""
+            problems.append(f"{label}: {', '.join(names[:3])}{more}")
+    if not problems:
+        problems.append("the same parameters registered in another order (ZeRO's flat shards would not line up)")
+    raise QSRCheckpointError(
+        f"{source}: checkpoint holds a different model than this run ({len(saved)} parameters there, {len(mine)} "
+        f"here; {'; '.join(problems)}); nothing was loaded"
+    )
+
+
+def write_manifest(save_dir: str | os.PathLike, tag: str, state: Mapping, *, step: int, model: list | None = None) -> str:
+    """Rank 0, after every rank has written its files; ``model``: ``model_layout(module)``, checked at load."""
     manifest = {
         "format": FORMAT,
         "tag": tag,
@@ -107,6 +141,8 @@ def write_manifest(save_dir: str | os.PathLike, tag: str, state: Mapping, *, ste
         "tracker": state["tracker"],
         "files": list_files(save_dir, tag, state["num_replicas"]),
     }
+    if model is not None:
+        manifest["model"] = model
     path = manifest_path(save_dir, tag)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:

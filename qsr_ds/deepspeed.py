@@ -190,7 +190,7 @@ class _QSREngineMixin:
         if save_latest and topology.shard_rank == 0 and topology.rank != 0:
             ckpt.write_latest(directory, tag)  # DeepSpeed writes 'latest' on global rank 0 only
         if topology.rank == 0:
-            ckpt.write_manifest(save_dir, tag, state, step=self.global_steps)
+            ckpt.write_manifest(save_dir, tag, state, step=self.global_steps, model=ckpt.model_layout(self.module))
             if save_latest:
                 ckpt.write_latest(os.fspath(save_dir), tag)
         dist.barrier()
@@ -208,6 +208,8 @@ class _QSREngineMixin:
                 source = ckpt.manifest_path(load_dir, tag)
                 ckpt.check_layout(manifest, topology, source)
                 ckpt.check_files(load_dir, manifest, topology.replica_index)
+                if load_module_strict:
+                    ckpt.check_model(manifest, self.module, source)
                 if not load_module_only:
                     ckpt.check_schedule(SyncTracker(hook.tracker.schedule, 1.0), manifest, source)
         except ckpt.QSRCheckpointError as err:
