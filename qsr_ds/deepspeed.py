@@ -334,6 +334,9 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     _check_batch(ds_config, qsr, world, source)
     if mpu is not None:
         _check_user_mpu(mpu, world)
+        if dist.get_rank() == 0:
+            print("[qsr-ds] the mpu passed in has no model parallelism; DeepSpeed gets the replica mpu instead "
+                  f"(data parallel = the {qsr.ranks_per_replica} ranks of a replica)", flush=True)
     topology = Topology.create(qsr.ranks_per_replica, timeout_s=qsr.timeout_s)
     engine, ds_optimizer, loader, scheduler = deepspeed.initialize(mpu=ReplicaMPU(topology), **kwargs)
     if engine.dp_world_size != qsr.ranks_per_replica:
