@@ -1,4 +1,4 @@
-"""Bad checkpoints and replica disagreements, on the main job's own DeepSpeedTrainer.
+"""Bad checkpoints, replica disagreements and fp16 overflow, on the main job's own DeepSpeedTrainer.
 
 One world of 4 spawned gloo ranks (2 replicas x 2, ZeRO-2, the small GPT of
 examples/train_gpt.py) goes through every case in turn. Every failure here is raised on
@@ -8,6 +8,9 @@ Bad checkpoints (a checkpoint the main job wrote at step 3): a truncated file, a
 model (narrower, deeper), another S (and so R), another "qsr" rule. Each must fail at load
 with a clear QSRCheckpointError on every rank, leave the checkpoint's bytes untouched and
 leave the live model as it was.
+
+fp16 with a dynamic loss scale: replica 1 overflows and skips steps, one of them the step
+that closes a round; all replicas must still average at the same steps and finish.
 
 Replica disagreements: replica 1 runs other model code (a different parameter count, and
 the same count in another order); replica 1 resumed from another checkpoint than replica 0
@@ -29,6 +32,8 @@ from qsr_ds.testing import run_ranks
 pytestmark = pytest.mark.timeout(300)
 
 SMALL = dict(d_model=64, n_layer=2, seq_len=32)
+FP16_STEPS = 11  # rounds of the small config: (0,2) (2,2) (4,3) (7,2) (9,2): 11 ends on a boundary
+FP16_OVERFLOW_STEPS = (2, 4, 5)  # 1-based steps replica 1 skips for overflow
 
 
 def _tree_digest(directory: str) -> dict[str, str]:
@@ -205,6 +210,30 @@ def _worker(rank, world, root):
     out["nan_in_data_skipped"] = in_data.engine.skipped_steps
     out["nan_in_data_fingerprint"] = in_data.fingerprint()
     out["unchanged"] = probe.unchanged
+
+    # fp16, dynamic loss scale: replica 1 overflows at steps 2, 4 and 5 (step 4 closes a round there)
+    fp16 = os.path.join(root, "fp16.json")
+    if rank == 0:
+        import json
+
+        with open(config) as f:
+            data = json.load(f)
+        data["fp16"] = {"enabled": True, "initial_scale_power": 8, "loss_scale_window": 1000, "hysteresis": 1}
+        with open(fp16, "w") as f:
+            json.dump(data, f)
+    dist.barrier()
+    half = _make_trainer(fp16)
+    engine = half.engine
+    backward, boundaries = engine.backward, []
+    for step in range(FP16_STEPS):
+        overflow = replica == 1 and step + 1 in FP16_OVERFLOW_STEPS
+        engine.backward = (lambda loss, **kw: backward(loss * float("inf"), **kw)) if overflow else backward
+        assert _train(half, step, step + 1) is None
+        if half.qsr.last_round is not None:
+            boundaries.append(step + 1)
+    out["fp16"] = {"boundaries": boundaries, "skipped": engine.skipped_steps, "global_steps": engine.global_steps,
+                   "loss_scale": float(engine.optimizer.loss_scale), "fingerprint": half.fingerprint(),
+                   "lr": half.lr}
     return out
 
 
@@ -278,3 +307,16 @@ def test_nan_in_the_forward_pass_is_skipped_by_deepspeed_and_replicas_still_agre
     assert _all(results, "replicas", "nan_in_data") == [None] * 4
     assert _all(results, "nan_in_data_skipped") == [0, 0, 2, 2]
     assert len(set(_all(results, "nan_in_data_fingerprint"))) == 1
+
+
+def test_fp16_overflow_on_one_replica_keeps_boundaries_and_finishes(results):
+    runs = _all(results, "fp16")
+    for rank, run in enumerate(runs):
+        assert run["boundaries"] == [2, 4, 7, 9, 11], (rank, run)  # every replica, despite skipped steps
+        assert run["global_steps"] == FP16_STEPS  # a skipped step still counts as a step
+    assert [r["skipped"] for r in runs] == [0, 0, len(FP16_OVERFLOW_STEPS), len(FP16_OVERFLOW_STEPS)]
+    # the run ends on a boundary: every replica holds the same fp32 weights
+    assert len({r["fingerprint"] for r in runs}) == 1
+    # what stays per replica: the loss scale (halved on each overflow) and DeepSpeed's lr schedule,
+    # which does not advance on a skipped step
+    assert runs[2]["loss_scale"] < runs[0]["loss_scale"] and runs[2]["lr"] != runs[0]["lr"]
