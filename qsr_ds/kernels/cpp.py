@@ -77,6 +77,15 @@ def _build():
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
+def _explain(err: Exception) -> str:
+    """One line: the compiler's first error if there is one, else the exception's last line."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    first_error = next((line for line in lines if "error:" in line or "Error:" in line), None)
+    detail = first_error or (lines[-1] if lines else "")
+    return (f"building {SOURCE.name} in {cache_dir()} failed: {type(err).__name__}: {detail[:300]} "
+            "(QSR_DS_VERBOSE_BUILD=1 shows the whole build)")
+
+
 def module():
     """The compiled op module, building it on first use; raises RuntimeError with the reason."""
     global _module, _failure
@@ -88,9 +97,7 @@ def module():
                 try:
                     _module = _build()
                 except Exception as err:  # noqa: BLE001 - any build failure means "fall back"
-                    text = str(err).strip().splitlines()
-                    detail = text[-1] if text else ""
-                    _failure = f"building {SOURCE.name} failed: {type(err).__name__}: {detail}"[:500]
+                    _failure = _explain(err)
         if _module is None:
             raise RuntimeError(_failure)
         return _module

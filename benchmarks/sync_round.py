@@ -1,0 +1,352 @@
+#!/usr/bin/env python
+"""What a sync round costs on CPU, per kernel back-end, against the all-reduce it must do.
+
+    python benchmarks/sync_round.py                # the committed run (25M and 100M, fp32 and bf16)
+    python benchmarks/sync_round.py --smoke --out-dir /tmp/sr    # tiny sizes, < 1 min
+    python benchmarks/sync_round.py --report-only  # .md and chart again from the JSON files
+
+Two gloo processes on this machine (R = 2 replicas of S = 1 rank, one intra-op thread
+each), GPT-shaped parameter sets of about 25M and 100M parameters:
+- fp32: the parameters themselves are averaged;
+- bf16: fp32 masters are averaged and the bf16 model copy is refreshed from them.
+Methods, timed in the same processes, interleaved repeat by repeat:
+- ``allreduce_flat``: one all-reduce of an already-flat fp32 buffer of the bytes the round
+  moves; the lower bound every other row is divided by;
+- ``averager[torch]`` / ``averager[cpp]``: a whole ``ReplicaAverager.average()`` round
+  (non-finite check, header all-gather, pack, bucketed all-reduce, unpack) with the torch
+  reference and the C++ back-end, at ``--bucket-mb``; ``no finite check`` skips the
+  pre-round scan; ``4 MB buckets`` uses small buckets, which also sends every fp32 tensor of
+  at least 2 MB (and no model copy) through the in-place all-reduce instead of a bucket;
+- ``averager[flat]`` (fp32 only): parameters re-pointed into one flat buffer at wrap time
+  (``flatten_into_buffer``), so the round all-reduces in place with no packing at all;
+- ``average_parameters``: torch's own helper (cat, divide, all-reduce, re-point); for
+  bf16 it averages the masters and then copies them into the bf16 parameters.
+Each round is preceded by a barrier; its time is the slowest rank's. After warm-up,
+``--repeats`` timed rounds give the median and the spread (min, max).
+GPU numbers come from benchmarks/gpu_sync_round.py (results/sync_round_gpu.json) and are
+folded into the same report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+REPORT = os.path.join(ROOT, "benchmarks", "sync_round.md")
+SIZES = {"25M": (512, 6, 8192), "100M": (768, 12, 16384)}  # d_model, layers, vocabulary
+SMOKE_SIZES = {"1M": (128, 2, 1024)}
+SMALL_BUCKET_MB = 4.0
+METHODS = ("allreduce_flat", "averager[torch]", "averager[cpp]", "averager[cpp] no finite check",
+           f"averager[cpp] {SMALL_BUCKET_MB:g} MB buckets", "averager[flat]", "average_parameters")
+
+
+def gpt_shapes(d: int, layers: int, vocab: int, context: int = 1024) -> list[tuple[str, tuple]]:
+    shapes = [("wte", (vocab, d)), ("wpe", (context, d))]
+    for i in range(layers):
+        p = f"h{i}."
+        shapes += [(p + "ln1.w", (d,)), (p + "ln1.b", (d,)), (p + "qkv.w", (3 * d, d)), (p + "qkv.b", (3 * d,)),
+                   (p + "proj.w", (d, d)), (p + "proj.b", (d,)), (p + "ln2.w", (d,)), (p + "ln2.b", (d,)),
+                   (p + "fc.w", (4 * d, d)), (p + "fc.b", (4 * d,)), (p + "fc2.w", (d, 4 * d)), (p + "fc2.b", (d,))]
+    return shapes + [("ln_f.w", (d,)), ("ln_f.b", (d,))]
+
+
+def _fresh(shapes, seed: int) -> list[tuple[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(n, torch.randn(s, generator=gen) * 0.02) for n, s in shapes]
+
+
+def _worker(rank: int, world_size: int, size: str, dims: tuple, dtype: str, warmup: int, repeats: int,
+            bucket_mb: float) -> dict:
+    import torch.distributed as dist
+    from torch.distributed.algorithms.model_averaging.utils import average_parameters
+
+    from qsr_ds.averager import ReplicaAverager, flatten_into_buffer
+    from qsr_ds.kernels import get_backend
+    from qsr_ds.topology import Topology
+
+    torch.set_num_threads(1)
+    topo = Topology.create(1)
+    group = topo.replica_group
+    shapes = gpt_shapes(*dims)
+    named = _fresh(shapes, seed=rank)
+    params = sum(t.numel() for _, t in named)
+    get_backend("cpp", torch.device("cpu"))  # build / load before any timing; fails loudly if unavailable
+
+    methods: dict[str, callable] = {}
+    averagers: dict[str, ReplicaAverager] = {}
+    variants = (("averager[torch]", "torch", True, bucket_mb), ("averager[cpp]", "cpp", True, bucket_mb),
+                ("averager[cpp] no finite check", "cpp", False, bucket_mb),
+                (f"averager[cpp] {SMALL_BUCKET_MB:g} MB buckets", "cpp", True, SMALL_BUCKET_MB))
+    if dtype == "fp32":
+        for name, kernel, check, mb in variants:
+            averagers[name] = ReplicaAverager(named, topology=topo, bucket_mb=mb, kernel=kernel, check_finite=check)
+        flat_named = _fresh(shapes, seed=rank)
+        flat_buffer = flatten_into_buffer([t for _, t in flat_named])  # the parameters are views of it now
+        averagers["averager[flat]"] = ReplicaAverager([("flat", flat_buffer)], topology=topo, bucket_mb=bucket_mb,
+                                                      kernel="cpp")
+        peer = [torch.nn.Parameter(t.clone()) for _, t in named]
+        methods["average_parameters"] = lambda: average_parameters(iter(peer), group)
+    else:  # bf16 model with fp32 masters
+        copies = {n: t.to(torch.bfloat16) for n, t in named}
+        for name, kernel, check, mb in variants:
+            averagers[name] = ReplicaAverager(named, topology=topo, copies=copies, bucket_mb=mb, kernel=kernel,
+                                              check_finite=check)
+        peer_masters = [torch.nn.Parameter(t.clone()) for _, t in named]
+        peer_bf16 = [t.to(torch.bfloat16) for _, t in named]
+
+        def peer_round():
+            average_parameters(iter(peer_masters), group)
+            torch._foreach_copy_(peer_bf16, [p.data for p in peer_masters])
+
+        methods["average_parameters"] = peer_round
+    some = next(iter(averagers.values()))
+    round_bytes = some.bytes_per_round
+    flat = torch.randn(round_bytes // 4)
+    methods["allreduce_flat"] = lambda: dist.all_reduce(flat, group=group)
+    for name, avg in averagers.items():
+        methods[name] = avg.average
+    order = [m for m in METHODS if m in methods]
+
+    times: dict[str, list[float]] = {m: [] for m in order}
+    cpu_times: dict[str, list[float]] = {m: [] for m in order}
+    splits: dict[str, list[tuple]] = {m: [] for m in averagers}
+    for rep in range(warmup + repeats):
+        shift = rep % len(order)
+        for m in order[shift:] + order[:shift]:  # rotate: no method always runs first
+            dist.barrier(group=group)
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = methods[m]()
+            elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+            slowest = torch.tensor([elapsed], dtype=torch.float64)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
+            cpu_total = torch.tensor([cpu], dtype=torch.float64)
+            dist.all_reduce(cpu_total, group=group)
+            if rep >= warmup:
+                times[m].append(float(slowest))
+                cpu_times[m].append(float(cpu_total))
+                if m in averagers:
+                    splits[m].append((out.pack_s, out.comm_s, out.unpack_s))
+    info = {name: {"buckets": len(a.buckets), "in_place": len(a.in_place), "kernel": a.kernel_names}
+            for name, a in averagers.items()}
+    return {"params": params, "bytes": round_bytes, "times": times, "cpu_times": cpu_times, "splits": splits,
+            "averagers": info}
+
+
+def run(sizes: dict, dtypes: list[str], warmup: int, repeats: int, bucket_mb: float) -> list[dict]:
+    from qsr_ds.testing import run_ranks
+
+    rows = []
+    for size, dims in sizes.items():
+        for dtype in dtypes:
+            t0 = time.perf_counter()
+            res = run_ranks(_worker, 2, size, dims, dtype, warmup, repeats, bucket_mb, timeout_s=1800)[0]
+            base = statistics.median(res["times"]["allreduce_flat"])
+            peer = statistics.median(res["times"]["average_parameters"])
+            base_min = min(res["times"]["allreduce_flat"])
+            base_cpu = statistics.median(res["cpu_times"]["allreduce_flat"])
+            peer_min = min(res["times"]["average_parameters"])
+            for method, ts in res["times"].items():
+                med = statistics.median(ts)
+                row = {
+                    "method": method, "size": size, "params": res["params"], "dtype": dtype,
+                    "bytes_allreduced": res["bytes"], "seconds_median": med, "seconds_min": min(ts),
+                    "seconds_max": max(ts), "repeats": len(ts), "ratio_to_allreduce": med / base,
+                    "ratio_to_average_parameters": med / peer,
+                    # best of the repeats over best of the repeats: the least disturbed by other load
+                    "min_ratio_to_allreduce": min(ts) / base_min, "min_ratio_to_average_parameters": min(ts) / peer_min,
+                    # CPU seconds of both processes (all threads): what the round costs, barely moved by other load
+                    "cpu_seconds_median": statistics.median(res["cpu_times"][method]),
+                    "cpu_ratio_to_allreduce": statistics.median(res["cpu_times"][method]) / base_cpu,
+                }
+                if method in res["splits"]:
+                    sp = res["splits"][method]
+                    row.update(pack_s=statistics.median(s[0] for s in sp), comm_s=statistics.median(s[1] for s in sp),
+                               unpack_s=statistics.median(s[2] for s in sp), **res["averagers"][method])
+                rows.append(row)
+                print(f"{size:>5} {dtype:>4} {method:32s} {med * 1e3:8.1f} ms  [{min(ts) * 1e3:7.1f}, "
+                      f"{max(ts) * 1e3:7.1f}]  x{med / base:5.2f} (min x{min(ts) / base_min:5.2f}) of all-reduce  "
+                      f"x{med / peer:5.2f} (min x{min(ts) / peer_min:5.2f}) of average_parameters  "
+                      f"cpu x{row['cpu_ratio_to_allreduce']:5.2f}", flush=True)
+            print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return rows
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "loadavg_after_run": load}
+
+
+# ------------------------------------------------------------------------------ report
+def _fmt_ms(s: float) -> str:
+    return f"{s * 1e3:.1f}"
+
+
+def _fmt_load(load) -> str:
+    return " / ".join(f"{x:.1f}" for x in load) if load else "unknown"
+
+
+def write_chart(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    groups = []
+    for r in rows:
+        key = (r["size"], r["dtype"])
+        if key not in groups:
+            groups.append(key)
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        xs, ys, lo, hi = [], [], [], []
+        for i, key in enumerate(groups):
+            r = next((r for r in rows if (r["size"], r["dtype"]) == key and r["method"] == m), None)
+            if r is None:
+                continue
+            base = next(x for x in rows if (x["size"], x["dtype"]) == key and x["method"] == "allreduce_flat")
+            scale = base["seconds_median"]
+            xs.append(i + (j - (len(methods) - 1) / 2) * width)
+            ys.append(r["ratio_to_allreduce"])
+            lo.append(r["ratio_to_allreduce"] - r["seconds_min"] / scale)
+            hi.append(r["seconds_max"] / scale - r["ratio_to_allreduce"])
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=m)
+    ax.axhline(1.10, color="k", ls="--", lw=0.8, label="target 1.10x")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{s} params, {d}" for s, d in groups])
+    ax.set_ylabel("round time / flat all-reduce (median; bars: min-max)")
+    ax.set_title("Sync round on 2 gloo CPU processes")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(result: dict, gpu: dict | None, out_dir: str, report: str) -> None:
+    chart = os.path.join(out_dir, "sync_round.png")
+    write_chart(result, chart)
+    meta = result["meta"]
+    lines = [
+        "# Sync round: cost against the all-reduce it must do",
+        "",
+        "Generated by `python benchmarks/sync_round.py` (CPU) and `benchmarks/gpu_sync_round.py` (GPU);",
+        "`python benchmarks/sync_round.py --report-only` rewrites this page from the JSON files.",
+        "",
+        f"CPU run: {meta['cpu']}, {meta['cores']} cores shared with other work, torch {meta['torch']}; "
+        f"2 gloo processes (R = 2 replicas of one rank), one intra-op thread each, bucket_mb = "
+        f"{meta['bucket_mb']:g}; {meta['warmup']} warm-up rounds, then {meta['repeats']} timed rounds per method, "
+        "interleaved; each round's time is the slower rank's. Load average (1, 5, 15 min) before the run: "
+        f"{_fmt_load(meta.get('loadavg_before_run'))}, after: {_fmt_load(meta.get('loadavg_after_run'))}.",
+        "",
+        f"![round time over the flat all-reduce]({os.path.relpath(chart, os.path.dirname(report))})",
+        "",
+        "Ratios: median over median, and in brackets best over best (the run least disturbed by other load).",
+        "",
+        "CPU: process CPU seconds of both ranks, all threads (gloo's included), for one round, over the flat "
+        "all-reduce's: the work a round adds, which other load on the machine barely changes.",
+        "",
+        "| size | dtype | method | median ms | min-max ms | x flat all-reduce | x average_parameters | "
+        "CPU x all-reduce | pack / comm wait / unpack ms |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in result["rows"]:
+        split = (f"{_fmt_ms(r['pack_s'])} / {_fmt_ms(r['comm_s'])} / {_fmt_ms(r['unpack_s'])}"
+                 if "pack_s" in r else "")
+        lines.append(
+            f"| {r['size']} ({r['params'] / 1e6:.1f}M) | {r['dtype']} | {r['method']} | {_fmt_ms(r['seconds_median'])} | "
+            f"{_fmt_ms(r['seconds_min'])}-{_fmt_ms(r['seconds_max'])} | {r['ratio_to_allreduce']:.2f} "
+            f"({r.get('min_ratio_to_allreduce', float('nan')):.2f}) | {r['ratio_to_average_parameters']:.2f} "
+            f"({r.get('min_ratio_to_average_parameters', float('nan')):.2f}) | "
+            f"{r.get('cpu_ratio_to_allreduce', float('nan')):.2f} | {split} |")
+    lines += ["", *result.get("notes", [])]
+    if gpu:
+        lines += ["", "## GPU: pack and unpack bandwidth", "", *gpu_section(gpu)]
+    with open(report, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def gpu_section(gpu: dict) -> list[str]:
+    meta = gpu["meta"]
+    lines = [
+        f"Device: {meta.get('device')}, torch {meta.get('torch')}, triton {meta.get('triton')}. "
+        f"Bucket of {meta.get('bucket_mb')} MB in {meta.get('tensors')} tensors. Bytes counted: each input "
+        "read once plus each output written once. The achievable bandwidth is a torch `copy_` of one "
+        "flat buffer of the same size measured in the same run.",
+        "",
+        "| op | back-end | layout | median ms | GB/s | x copy_ GB/s |",
+        "| --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    for r in gpu["rows"]:
+        lines.append(f"| {r['op']} | {r['backend']} | {r.get('layout', '')} | {r['ms_median']:.3f} | "
+                     f"{r['gb_per_s']:.0f} | {r.get('fraction_of_copy', 1.0):.2f} |")
+    if gpu.get("tests"):
+        lines += ["", f"Kernel tests on the GPU: {gpu['tests']}"]
+    lines += ["", *gpu.get("notes", [])]
+    return lines
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, few repeats")
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--bucket-mb", type=float, default=64.0)
+    p.add_argument("--sizes", default=None, help="comma list of sizes (25M,100M)")
+    p.add_argument("--out-dir", default=RESULTS)
+    p.add_argument("--report", default=None, help="the .md report (default: benchmarks/sync_round.md)")
+    p.add_argument("--report-only", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
+    report = args.report or (REPORT if args.out_dir == RESULTS else os.path.join(args.out_dir, "sync_round.md"))
+    path = os.path.join(args.out_dir, "sync_round.json")
+    gpu_path = os.path.join(args.out_dir, "sync_round_gpu.json")
+    if args.report_only:
+        with open(path) as f:
+            result = json.load(f)
+    else:
+        sizes = SMOKE_SIZES if args.smoke else {k: SIZES[k] for k in (args.sizes or ",".join(SIZES)).split(",")}
+        warmup, repeats = (1, 3) if args.smoke else (args.warmup, args.repeats)
+        load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+        rows = run(sizes, ["fp32", "bf16"], warmup, repeats, args.bucket_mb)
+        result = {"meta": {**machine(), "loadavg_before_run": load_before, "world_size": 2, "backend": "gloo",
+                           "bucket_mb": args.bucket_mb, "warmup": warmup, "repeats": repeats}, "rows": rows}
+        if os.path.exists(path) and not args.smoke:  # keep hand-written notes across re-runs
+            with open(path) as f:
+                result["notes"] = json.load(f).get("notes", [])
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+    gpu = None
+    if os.path.exists(gpu_path):
+        with open(gpu_path) as f:
+            gpu = json.load(f)
+    write_report(result, gpu, args.out_dir, report)
+    print(f"wrote {path} and {report}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
