@@ -237,16 +237,21 @@ def test_mistakes_fail_before_training(job):
 
 @pytest.mark.timeout(300)
 def test_example_under_deepspeed_launcher(tmp_path):
+    """configs/qsr.json as shipped but with 2 replicas of 1 rank: half the processes of the README's run."""
+    with open(os.path.join(ROOT, "configs", "qsr.json")) as f:
+        config = json.load(f)
+    config["qsr"]["ranks_per_replica"] = 1
+    (tmp_path / "qsr.json").write_text(json.dumps(config))
     summary = tmp_path / "summary.json"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "4", "--master_port",
-           str(_free_port()), "examples/hf_trainer.py", "--deepspeed", "configs/qsr.json", "--max-steps", "6",
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+           str(_free_port()), "examples/hf_trainer.py", "--deepspeed", str(tmp_path / "qsr.json"), "--max-steps", "6",
            "--n-layer", "1", "--d-model", "32", "--seq-len", "32", "--no-progress",
            "--output-dir", str(tmp_path / "run"), "--summary-json", str(summary)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(summary.read_text())
-    assert result["replicas"] == 2 and result["ranks_per_replica"] == 2
+    assert result["replicas"] == 2 and result["ranks_per_replica"] == 1
     assert result["optimizer_steps"] == 6 and result["averaging_rounds"] == 3  # warm-up: H = h_base = 2
     assert result["replicas_identical"] is True
 
