@@ -133,8 +133,10 @@ def _check_values(section: dict, source: str) -> None:
         "total_steps": (lambda v: v >= 1, "must be >= 1"),
         "switch_step": (lambda v: v is None or v >= 0, "must be >= 0"),
         "ranks_per_replica": (lambda v: v >= 1, "must be >= 1"),
-        "bucket_mb": (lambda v: v > 0, "must be > 0"),
-        "timeout_s": (lambda v: v > 0, "must be > 0"),
+        # bounded above: an infinite or astronomically large value passed "> 0" and then overflowed
+        # (int(bucket_mb * 2**20), timedelta(seconds=timeout_s)) once training had started
+        "bucket_mb": (lambda v: 0 < v <= 2**20, "must be > 0 and at most 1048576 (1 TiB)"),
+        "timeout_s": (lambda v: 1e-3 <= v <= 1e9, "must be between 0.001 and 1e9 seconds"),
     }
     for key, (ok, why) in checks.items():
         if key in section and not ok(section[key]):
@@ -189,10 +191,14 @@ def read_json(path: str | os.PathLike) -> dict:
         raise QSRConfigError(f"{path}: config file not found") from None
     except OSError as err:
         raise QSRConfigError(f"{path}: cannot read config file: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise QSRConfigError(f"{path}: not UTF-8 text (byte {err.start}): is this a JSON file?") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise QSRConfigError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except RecursionError:
+        raise QSRConfigError(f"{path}: JSON nested too deeply to read") from None
     if not isinstance(data, dict):
         raise QSRConfigError(f"{path}: a DeepSpeed config must be a JSON object, got {type(data).__name__}")
     return data
