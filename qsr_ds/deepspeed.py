@@ -322,6 +322,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
 
     if isinstance(model, PipelineModule):
         raise QSRConfigError(f"{source}: qsr-ds does not support pipeline parallelism (PipelineModule) yet")
+    _check_lr_schedule(ds_config, qsr, source, optimizer)
     env_world = os.environ.get("WORLD_SIZE")
     if env_world is not None and env_world.isdigit():
         _check_world(int(env_world), qsr, source)
@@ -352,6 +353,15 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         print(f"[qsr-ds] {topology.num_replicas} replica(s) x {qsr.ranks_per_replica} rank(s), rule {qsr.rule}, "
               f"first H {h0}, averaging the {kind} fp32 shards", flush=True)
     return engine, ds_optimizer, loader, scheduler
+
+
+def _check_lr_schedule(ds_config: dict, qsr: QSRConfig, source: str, optimizer) -> None:
+    """A scheduler whose lr hits 0 at a round start fails here, not at that round hours later."""
+    from .lr import check_planned_rounds
+
+    groups = getattr(optimizer, "param_groups", None)
+    base_lr = groups[0].get("lr") if groups and isinstance(groups[0].get("lr"), (int, float)) else None
+    check_planned_rounds(ds_config, qsr, source, base_lr=base_lr)
 
 
 def _check_world(world_size: int, qsr: QSRConfig, source: str) -> None:

@@ -177,3 +177,36 @@ def lr_fn_from_deepspeed(ds_config: dict, source: str, *, base_lr: float | None 
             params["warmup_max_lr"] = base_lr if base_lr is not None else _optimizer_lr(ds_config, source, kind)
         return WarmupLR(**params)
     return WarmupDecayLR(**params)
+
+
+MAX_PLANNED_ROUNDS = 10**6
+
+
+def check_planned_rounds(ds_config: dict, qsr, source: str, *, base_lr: float | None = None) -> None:
+    """Fail at start-up, not hours in, when the "scheduler" would stop a round from being planned.
+
+    QSR needs lr > 0 at every round start after warm-up; a scheduler that reaches 0 before
+    qsr.total_steps (total_num_steps smaller than qsr.total_steps, WarmupLR from 0 with
+    qsr.warmup_steps 0, ...) used to pass start-up and raise ScheduleError at that round.
+    Schedulers qsr_ds.lr does not reproduce, and runs of more than MAX_PLANNED_ROUNDS
+    rounds (the walk costs one step per round), are left to the per-round check.
+    """
+    from .schedule import ScheduleError
+
+    schedule = qsr.schedule()
+    if schedule.effective_gamma is None or schedule.alpha == 0:
+        return  # H does not depend on the learning rate
+    if schedule.total_steps // schedule.h_base > MAX_PLANNED_ROUNDS:
+        return
+    try:
+        lr_at = lr_fn_from_deepspeed(ds_config, source, base_lr=base_lr)
+    except QSRConfigError:
+        return
+    try:
+        schedule.rounds(lr_at)
+    except ScheduleError as err:
+        raise QSRConfigError(
+            f"{source}: qsr: {err} under the \"scheduler\" section; give the scheduler a learning rate > 0 up to "
+            f"qsr.total_steps={schedule.total_steps} (e.g. scheduler total_num_steps >= qsr.total_steps) or "
+            f"raise qsr.warmup_steps; `qsr-ds plan --config {source}` shows every round"
+        ) from None
