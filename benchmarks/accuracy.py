@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Accuracy of Local AdamW under QSR and its baselines on a small byte-level language model.
 
-    python benchmarks/accuracy.py                 # the committed run: 7 methods x 3 seeds
+    python benchmarks/accuracy.py                 # the committed run: 2 regimes x 7 methods x 3 seeds
     python benchmarks/accuracy.py --smoke --out-dir /tmp/acc    # tiny sizes, < 30 s
     python benchmarks/accuracy.py --report-only   # plots and .md again from the JSON
 
@@ -16,7 +16,8 @@ methods take their steps independently and average parameters when the
 ``average_replicas_``: the same arithmetic as ``qsr_ds.ReplicaAverager`` (each replica's
 fp32 tensor pre-scaled by 1/R, the R scaled copies summed, every replica gets the sum).
 tests/dist/test_accuracy_sim.py checks this simulation against ``qsr_ds.LocalOptimizer``
-on R real gloo ranks.
+on R real gloo ranks. Two regimes (REGIMES): the whole training text in under one pass,
+and its first 50 KB for several epochs, where the model over-fits.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
