@@ -100,14 +100,15 @@ SMOKE = dict(context=8, embed=8, hidden=32, batch=8, steps=40, warmup=4, eval_ev
 
 
 def corpus() -> bytes:
-    """CPython's pydoc help texts, sorted by topic, joined by blank lines (UTF-8 bytes)."""
-    from pydoc_data.topics import topics
+    """The main job's corpus (examples/gpt.py): CPython's pydoc help texts, sorted by topic,
+    joined by blank lines, as UTF-8 bytes."""
+    from examples.gpt import corpus_bytes
 
-    return "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
+    return corpus_bytes()
 
 
 def split(data: bytes, train_fraction: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train / validation bytes by position (no shuffling, so no leakage of nearby text)."""
+    """Train / validation bytes by position, the main job's split (examples/gpt.py ByteCorpus)."""
     t = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     cut = int(len(t) * train_fraction)
     return t[:cut].clone(), t[cut:].clone()
