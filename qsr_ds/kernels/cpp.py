@@ -4,10 +4,10 @@ Nothing is built when qsr_ds is imported or installed. The first ``load(cpu)`` c
 the op with torch.utils.cpp_extension.load (-O3 -fopenmp; no -march, since the cache may
 be reused on another CPU) into a per-user cache, ``$QSR_DS_EXTENSIONS_DIR`` or
 ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/qsr_ds/torch_extensions``, under a folder named
-after the torch and Python versions. An exclusive file lock (fcntl) around the build
-lets concurrent ranks build once and the others load the result; the lock dies with its
-process, unlike torch's own baton file, which a killed build can leave behind (we remove
-such a stale baton while holding the lock). If the op cannot be built, ``load`` returns
+after the Python and torch versions and the torch installation. An exclusive file lock
+(fcntl) around the build lets concurrent ranks build once and the others load the result;
+the lock dies with its process, unlike torch's own baton file, which a killed build can
+leave behind (we remove such a stale baton while holding the lock). If the op cannot be built, ``load`` returns
 (None, why) and the caller falls back to the reference back-end; the reason is kept for
 ``qsr-ds info``. ``QSR_DS_NO_CPP=1`` turns the back-end off.
 
@@ -16,6 +16,7 @@ handled per tensor with the same torch ops as the reference, so results never di
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import threading
@@ -39,7 +40,10 @@ _failure: str | None = None
 def cache_dir() -> Path:
     root = os.environ.get("QSR_DS_EXTENSIONS_DIR") or os.environ.get("TORCH_EXTENSIONS_DIR")
     base = Path(root) if root else Path.home() / ".cache" / "qsr_ds" / "torch_extensions"
-    tag = f"py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__.split('+')[0]}"
+    # one folder per torch installation: two virtual environments with the same torch version
+    # would otherwise rewrite each other's build.ninja (include paths) and rebuild in turns
+    where = hashlib.sha1(str(Path(torch.__file__).resolve().parent).encode()).hexdigest()[:8]
+    tag = f"py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__.split('+')[0]}_{where}"
     return base / tag / NAME
 
 
