@@ -101,6 +101,21 @@ class QSRHook:
         self.last_round: RoundStats | None = None
         if topology.num_replicas > 1:
             ds_state.prepare(engine)
+            self._start_from_replica0()
+
+    @torch.no_grad()
+    def _start_from_replica0(self) -> None:
+        """Every replica starts from replica 0's weights, as DDP starts from rank 0's.
+
+        DeepSpeed only broadcasts inside its data-parallel group (the replica), so replicas
+        built with different seeds would otherwise start apart. Not counted as a round.
+        """
+        plan = ds_state.plan(self.engine, ("params",))  # every tensor, not a ZeRO 0 share
+        # the low-precision copies too: under ZeRO 0 they are not always the rounded masters
+        for tensor in [t for _, t in plan.tensors] + list(plan.copies.values()):
+            dist.broadcast(tensor, group=self.topology.replica_group, group_src=0)
+        if self.topology.replica_index != 0:  # replica 0 stays bit for bit plain DeepSpeed
+            plan.refresh()
 
     @property
     def rounds(self) -> int:

@@ -54,7 +54,7 @@ def batch(step, replica, shard):
     return torch.randn(2, 8, generator=gen), torch.randn(2, 4, generator=gen)
 
 
-def build(cfg, *, qsr):
+def build(cfg, *, qsr, seed=0):
     import deepspeed
     import deepspeed.utils.groups as groups
 
@@ -62,6 +62,10 @@ def build(cfg, *, qsr):
 
     groups.mpu = None  # DeepSpeed keeps the last engine's mpu in a module global
     model = make_model()
+    if seed:  # another initialization (replicas built without a common seed)
+        torch.manual_seed(seed)
+        for p in model.parameters():
+            torch.nn.init.normal_(p.data)
     optimizer = torch.optim.AdamW(model.parameters(), lr=BASE_LR, weight_decay=0.1)
     init = qsr_ds.initialize if qsr else deepspeed.initialize
     engine, *_ = init(model=model, optimizer=optimizer, config=cfg)
@@ -203,18 +207,21 @@ def test_user_mpu_with_model_parallelism_is_refused(r1_results):
 
 
 def _replicas_worker(rank, world):
+    from qsr_ds import ds_state
     from qsr_ds.topology import Topology
 
     out = {}
     for stage, bf16 in CONFIGS:
         average = ("params", "exp_avg") if bf16 else ("params",)
-        engine = build(ds_config(stage, bf16, ranks_per_replica=2, average=average), qsr=True)
+        # replica 1 builds its model with another seed: qsr_ds.initialize starts it from replica 0's
+        engine = build(ds_config(stage, bf16, ranks_per_replica=2, average=average), qsr=True, seed=rank // 2)
         topo: Topology = engine.qsr.topology
+        start = ds_state.fingerprint(ds_state.full_fp32_params(engine))
         log = train(engine, 0, STEPS, replica=topo.replica_index, shard=topo.shard_rank)
         opt = engine.optimizer
         out[(stage, bf16)] = {"log": log, "rounds": engine.qsr.rounds, "dp": engine.dp_world_size,
                               "partitions": getattr(opt, "partition_count", None), "bytes": engine.qsr.totals.bytes,
-                              "average": average}
+                              "average": average, "start": start}
     return out
 
 
@@ -227,6 +234,7 @@ def replica_results():
 @pytest.mark.parametrize("stage, bf16", CONFIGS)
 def test_replicas_identical_after_each_boundary_and_zero_inside(replica_results, r1_results, stage, bf16):
     runs = [res[(stage, bf16)] for res in replica_results]  # ranks 0,1 = replica 0; 2,3 = replica 1
+    assert len({run["start"] for run in runs}) == 1, "replicas must start from replica 0's weights"
     for run in runs:
         assert run["dp"] == 2 and run["rounds"] == len(BOUNDARIES) == len(planned_rounds())
         assert [e["step"] for e in run["log"] if e["boundary"]] == BOUNDARIES
