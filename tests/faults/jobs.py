@@ -81,6 +81,8 @@ def launch(directory: str, name: str, config: str, save_dir: str, *extra: str, e
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=directory,
                           env=env, timeout=LAUNCH_TIMEOUT_S)
     seconds = time.perf_counter() - start
+    with open(os.path.join(directory, f"{name}.log"), "w") as f:  # every rank's output, for a post-mortem
+        f.write(proc.stdout)
     summary = marker = None
     if proc.returncode == 0 and os.path.exists(summary_path):
         with open(summary_path) as f:
