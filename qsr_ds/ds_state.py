@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 from .averager import flatten_into_buffer
+from .local import STATE_FIELDS
 
-STATE_FIELDS = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", "momentum": "momentum_buffer"}
 
 
 class UnsupportedEngineError(NotImplementedError):

@@ -49,7 +49,7 @@ from torch.distributed.tensor import DTensor
 from . import checkpoint
 from .averager import AveragerTotals, ReplicaAverager, RoundStats
 from .config import AVERAGE_CHOICES, QSRConfig
-from .local import STATE_FIELDS
+from .local import averaged_tensors
 from .schedule import SyncSchedule, SyncTracker
 from .topology import Topology, TopologyError, check_divides
 
@@ -168,21 +168,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def local_tensors(model: nn.Module, optimizer: torch.optim.Optimizer, average: Iterable[str]) -> list[tuple[str, torch.Tensor]]:
     """What a boundary averages on this rank: local shards, named, in a replica-independent order."""
-    average = set(average)
     with torch.no_grad():
-        named = [(f"param:{n}", _local(p)) for n, p in model.named_parameters()]
-        if "buffers" in average:
-            named += [(f"buffer:{n}", _local(b)) for n, b in model.named_buffers() if b.is_floating_point()]
-        fields = [STATE_FIELDS[a] for a in sorted(average) if a in STATE_FIELDS]
-        if fields:
-            names = {p: n for n, p in model.named_parameters()}
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    state = optimizer.state.get(p, {})
-                    for key in fields:
-                        if isinstance(state.get(key), torch.Tensor):
-                            named.append((f"state:{names.get(p, id(p))}:{key}", _local(state[key])))
-    return named
+        return averaged_tensors(model, optimizer, average, local=_local)
 
 
 def check_sharded(model: nn.Module, mesh: DeviceMesh) -> None:

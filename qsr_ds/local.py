@@ -11,7 +11,7 @@ model in DDP over ``topology.shard_group`` so gradients are reduced inside the r
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -24,7 +24,10 @@ STATE_FIELDS = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", "momentum": "m
 
 
 def averaged_tensors(
-    model: nn.Module, optimizer: torch.optim.Optimizer | None, average: Iterable[str]
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    average: Iterable[str],
+    local: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
 ) -> list[tuple[str, torch.Tensor]]:
     """What a boundary averages, named, in a replica-independent order.
 
@@ -33,9 +36,9 @@ def averaged_tensors(
     replica counts the same batches); optimizer state fields by name.
     """
     average = set(average)
-    named = [(f"param:{n}", p) for n, p in model.named_parameters()]
+    named = [(f"param:{n}", local(p)) for n, p in model.named_parameters()]
     if "buffers" in average:
-        named += [(f"buffer:{n}", b) for n, b in model.named_buffers() if b.is_floating_point()]
+        named += [(f"buffer:{n}", local(b)) for n, b in model.named_buffers() if b.is_floating_point()]
     fields = [STATE_FIELDS[a] for a in sorted(average) if a in STATE_FIELDS]
     if fields and optimizer is not None:
         names = {p: n for n, p in model.named_parameters()}
@@ -44,7 +47,7 @@ def averaged_tensors(
                 state = optimizer.state.get(p, {})
                 for key in fields:
                     if isinstance(state.get(key), torch.Tensor):
-                        named.append((f"state:{names.get(p, id(p))}:{key}", state[key]))
+                        named.append((f"state:{names.get(p, id(p))}:{key}", local(state[key])))
     return named
 
 
