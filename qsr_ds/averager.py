@@ -211,15 +211,7 @@ class ReplicaAverager:
             return stats
         start = time.perf_counter()
         round_no = self.totals.rounds + 1
-        try:
-            self._agree(step)
-        except ReplicaMismatchError:
-            raise
-        except RuntimeError as err:
-            raise ReplicaCommError(
-                f"sync round {round_no}: the pre-round check over all {self.topology.world_size} ranks failed "
-                f"(a rank died or timed out?); nothing was averaged: {err}"
-            ) from err
+        self.check(step, what=f"sync round {round_no}")
         try:
             self._reduce(stats)
         except RuntimeError as err:
@@ -232,6 +224,24 @@ class ReplicaAverager:
         stats.total_s = time.perf_counter() - start
         self._record(stats)
         return stats
+
+    def check(self, step: int | None = None, *, what: str = "replica check") -> None:
+        """A round's pre-check alone: every rank agrees on layout (and signature), step and finiteness.
+
+        Raises the same ReplicaMismatchError on every rank, or ReplicaCommError when a rank is gone;
+        for collectives over the replica group other than a round (e.g. the start-up broadcast).
+        """
+        if self.num_replicas == 1:
+            return
+        try:
+            self._agree(step)
+        except ReplicaMismatchError:
+            raise
+        except RuntimeError as err:
+            raise ReplicaCommError(
+                f"{what}: the pre-round check over all {self.topology.world_size} ranks failed "
+                f"(a rank died or timed out?); nothing was averaged: {err}"
+            ) from err
 
     def _reduce(self, stats: RoundStats) -> None:
         group, scale = self.topology.replica_group, 1.0 / self.num_replicas

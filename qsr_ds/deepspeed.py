@@ -111,6 +111,10 @@ class QSRHook:
         built with different seeds would otherwise start apart. Not counted as a round.
         """
         plan = ds_state.plan(self.engine, ("params",))  # every tensor, not a ZeRO 0 share
+        # a round's pre-check first: a replica with other model code fails here by name, on every
+        # rank, instead of a broadcast of mismatched sizes aborting gloo or clobbering its shards
+        ReplicaAverager(plan.tensors, topology=self.topology, kernel="torch", check_finite=False,
+                        signature=module_signature(self.engine.module)).check(what="start-up broadcast from replica 0")
         # the low-precision copies too: under ZeRO 0 they are not always the rounded masters
         for tensor in [t for _, t in plan.tensors] + list(plan.copies.values()):
             dist.broadcast(tensor, group=self.topology.replica_group, group_src=0)
