@@ -168,8 +168,10 @@ across replicas (a 2-rank ring sends them once each way).
 ![throughput vs bandwidth](results/throughput.png)
 
 Caveats: 4 training processes share 2 CPU cores, so the ceiling itself is compute-bound
-and noisy (a few percent between runs); the schedule is configs/qsr.json compressed to
-{data['steps']} steps (warm-up = 10%), so QSR's H grows only in the last part of the run.
+and noisy; the schedule is configs/qsr.json compressed to {data['steps']} steps (warm-up =
+10%), so QSR's H grows only in the last part of the run.
+
+{("## Reading" + chr(10) + chr(10) + data["notes"]) if data.get("notes") else ""}
 """
     REPORT.write_text(text)
 
