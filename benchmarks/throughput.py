@@ -87,14 +87,16 @@ def run_method(link: SlowLink, method: str, config: Path, steps: int, workdir: P
         other = json.loads(summaries[1].read_text())
         summary["seconds_per_step"] = max(summary["seconds_per_step"], other["seconds_per_step"])
     reduced = summary["bytes_across_replicas"] if method in ("constant", "qsr") else 0
+    model_bytes = summary["bytes_data_parallel"] // steps  # one replica's fp32 state
     return {
         "method": method,
         "seconds_per_step": summary["seconds_per_step"],
         "tokens_per_s": tokens_per_step / summary["seconds_per_step"],
         "rounds": summary["rounds"] if method in ("constant", "qsr") else (steps if method == "data_parallel" else 0),
         "link_bytes": link_bytes,
-        # a 2-rank ring all-reduce sends the reduced bytes once in each direction
-        "expected_link_bytes": 2 * reduced if method in ("constant", "qsr") else None,
+        # a 2-rank ring all-reduce sends the reduced bytes once in each direction; at start-up
+        # replica 0 broadcasts its weights to replica 1 once
+        "expected_link_bytes": 2 * reduced + model_bytes if method in ("constant", "qsr") else None,
         "bytes_across_replicas": reduced,
         "final_loss": summary["final_loss"],
         "wall_seconds": wall,
@@ -155,7 +157,8 @@ methods measured one after another in the same run. "x ceiling" is throughput di
 the compute-only ceiling (each host training alone) at the same bandwidth. Link bytes are
 the veth interfaces' tx counters (both directions, with TCP/IP overhead and the tiny
 per-round check); "expected" is twice the bytes the summary JSON says were all-reduced
-across replicas (a 2-rank ring sends them once each way).
+across replicas (a 2-rank ring sends them once each way) plus one model for the start-up
+broadcast from replica 0.
 
 {chr(10).join(table)}
 
