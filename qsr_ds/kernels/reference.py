@@ -14,6 +14,8 @@ class ReferenceKernels:
     name = "torch"
 
     def pack(self, sources: Sequence[Tensor], bucket: Tensor, offsets: Sequence[int], scale: float) -> None:
+        if not sources:
+            return
         views = [bucket[o : o + t.numel()].view(t.shape) for t, o in zip(sources, offsets)]
         torch._foreach_copy_(views, list(sources))
         bucket[: offsets[-1] + sources[-1].numel()].mul_(scale)
@@ -35,9 +37,10 @@ class ReferenceKernels:
             torch._foreach_zero_(list(resets))
 
     def first_nonfinite(self, tensors: Sequence[Tensor]) -> int:
-        if not tensors:
+        index = [i for i, t in enumerate(tensors) if t.numel()]  # an empty tensor holds no NaN
+        if not index:
             return -1
         # max |x| propagates NaN and Inf and cannot overflow, unlike a sum or a 2-norm
-        peaks = torch.stack([m.float() for m in torch._foreach_norm(list(tensors), float("inf"))])
+        peaks = torch.stack([m.float() for m in torch._foreach_norm([tensors[i] for i in index], float("inf"))])
         bad = (~torch.isfinite(peaks)).nonzero()
-        return int(bad[0, 0]) if bad.numel() else -1
+        return index[int(bad[0, 0])] if bad.numel() else -1

@@ -481,3 +481,15 @@ def test_cli_info_prints_versions_and_backends(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["versions"]["torch"] == torch.__version__
     assert set(report["kernels"]) >= {"torch", "cpp", "triton", "auto"}
+
+
+def test_reference_handles_empty_inputs():
+    from qsr_ds.kernels.reference import ReferenceKernels
+
+    ref = ReferenceKernels()
+    bucket = torch.full((4,), 7.0)
+    ref.pack([], bucket, [], 0.5)
+    assert torch.equal(bucket, torch.full((4,), 7.0))
+    nan = torch.tensor([1.0, float("nan")])
+    assert ref.first_nonfinite([torch.empty(0), torch.ones(3), torch.empty(0, 2), nan]) == 3
+    assert ref.first_nonfinite([torch.empty(0), torch.ones(2)]) == -1
