@@ -109,12 +109,15 @@ def params_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; options named after TrainingArguments fields also take their underscore spelling."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--deepspeed", required=True, help="DeepSpeed JSON, optionally with a \"qsr\" section")
-    parser.add_argument("--max-steps", type=int, default=None, help="default: qsr.total_steps")
-    parser.add_argument("--output-dir", default="runs/hf_trainer")
-    parser.add_argument("--save-steps", type=int, default=0, help="Trainer checkpoint every N steps (0: none)")
+    parser.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, default=None,
+                        help="default: qsr.total_steps")
+    parser.add_argument("--output-dir", "--output_dir", dest="output_dir", default="runs/hf_trainer")
+    parser.add_argument("--save-steps", "--save_steps", dest="save_steps", type=int, default=0,
+                        help="Trainer checkpoint every N steps (0: none)")
     parser.add_argument("--resume", default=None, help="a checkpoint-N directory, or 'last' (in --output-dir)")
     parser.add_argument("--no-qsr", action="store_true", help="drop the qsr section: plain data-parallel Trainer")
     parser.add_argument("--seq-len", type=int, default=64)
@@ -124,7 +127,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--summary-json", default=None, help="also write the summary here (rank 0)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
-    cli = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cli = parse_args(argv)
 
     from transformers import GPT2Config, GPT2LMHeadModel, set_seed
     from transformers.trainer_utils import get_last_checkpoint

@@ -235,6 +235,16 @@ def test_mistakes_fail_before_training(job):
         assert "use_cpu=True" in errors["use_cpu"]
 
 
+def test_example_takes_the_trainer_spelling_of_its_options():
+    """--output_dir as every Hugging Face example spells it, and --output-dir, set the same option."""
+    from examples.hf_trainer import parse_args
+
+    for spelling in (["--output-dir", "o", "--max-steps", "6", "--save-steps", "2"],
+                     ["--output_dir", "o", "--max_steps", "6", "--save_steps", "2"]):
+        cli = parse_args(["--deepspeed", "ds.json", *spelling])
+        assert (cli.output_dir, cli.max_steps, cli.save_steps) == ("o", 6, 2), spelling
+
+
 @pytest.mark.timeout(300)
 def test_example_under_deepspeed_launcher(tmp_path):
     """configs/qsr.json as shipped but with 2 replicas of 1 rank: half the processes of the README's run."""
@@ -247,7 +257,7 @@ def test_example_under_deepspeed_launcher(tmp_path):
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
            str(_free_port()), "examples/hf_trainer.py", "--deepspeed", str(tmp_path / "qsr.json"), "--max-steps", "6",
            "--n-layer", "1", "--d-model", "32", "--seq-len", "32", "--no-progress",
-           "--output-dir", str(tmp_path / "run"), "--summary-json", str(summary)]
+           "--output_dir", str(tmp_path / "run"), "--summary-json", str(summary)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(summary.read_text())
