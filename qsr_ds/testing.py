@@ -91,3 +91,23 @@ def run_ranks(
         if errors:
             raise RankFailure(errors)
         return results
+
+
+def deepspeed_fp16_missing() -> str | None:
+    """Why DeepSpeed cannot build an fp16 engine on this host, or None where it can.
+
+    DeepSpeed's CPU accelerator offers fp16 only where oneDNN has fp16 kernels (x86 CPUs
+    with AVX512-FP16 or AMX-FP16, e.g. Intel Sapphire Rapids); elsewhere (AMD EPYC, older
+    Intel) an fp16 engine fails with "Type fp16 is not supported on your device". Tests
+    whose subject is fp16 skip with this reason; everything else runs in fp32 or bf16.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.is_fp16_supported():
+        return None
+    name = accelerator.device_name()
+    if name == "cpu":
+        return ("DeepSpeed's CPU accelerator has no fp16 on this host: oneDNN needs AVX512-FP16 or AMX-FP16 "
+                "for fp16 kernels (get_accelerator().is_fp16_supported() is falsy)")
+    return f"DeepSpeed's {name} accelerator reports no fp16 support (get_accelerator().is_fp16_supported() is falsy)"

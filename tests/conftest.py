@@ -22,3 +22,16 @@ def _build_cpp_kernels_once():
     from qsr_ds.kernels import cpp
 
     cpp.load(torch.device("cpu"))  # a failure to build just means the reference back-end is used
+
+
+@pytest.fixture(scope="session")
+def needs_deepspeed_fp16():
+    """Skip a test whose subject is DeepSpeed fp16 where the accelerator has none (naming the CPU feature).
+
+    Session-scoped so that it runs (and skips) before a module-scoped spawned world is built.
+    """
+    from qsr_ds.testing import deepspeed_fp16_missing
+
+    reason = deepspeed_fp16_missing()
+    if reason:
+        pytest.skip(reason)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qsr_ds.testing import run_ranks
+from qsr_ds.testing import deepspeed_fp16_missing, run_ranks
 
 STEPS = 8
 BOUNDARIES = [2, 6, 8]
@@ -323,14 +323,16 @@ def _resume_worker(rank, world, root):
         errors["layout"] = "loaded"
     except QSRCheckpointError as err:
         errors["layout"] = str(err)
-    # fp16: a step skipped for overflow on one replica still counts; replicas agree on boundaries
-    fp16 = build(ds_config(2, ranks_per_replica=2, fp16=True), qsr=True)
-    topo = fp16.qsr.topology
-    log = train(fp16, 0, STEPS, replica=topo.replica_index, shard=topo.shard_rank,
-                overflow_at=1 if topo.replica_index == 1 else None)
-    out["fp16"] = {"boundaries": [e["step"] for e in log if e["boundary"]], "skipped": fp16.skipped_steps,
-                   "last": log[-1]}
     out["errors"] = errors
+    # fp16: a step skipped for overflow on one replica still counts; replicas agree on boundaries
+    # (only where the accelerator has fp16; tests/dist/test_skipped_steps.py covers every dtype)
+    if deepspeed_fp16_missing() is None:
+        fp16 = build(ds_config(2, ranks_per_replica=2, fp16=True), qsr=True)
+        topo = fp16.qsr.topology
+        log = train(fp16, 0, STEPS, replica=topo.replica_index, shard=topo.shard_rank,
+                    overflow_at=1 if topo.replica_index == 1 else None)
+        out["fp16"] = {"boundaries": [e["step"] for e in log if e["boundary"]], "skipped": fp16.skipped_steps,
+                       "last": log[-1]}
     return out
 
 
@@ -365,7 +367,7 @@ def test_bad_checkpoints_fail_on_every_rank_with_a_clear_message(resume_results)
 
 
 @pytest.mark.timeout(360)
-def test_fp16_overflow_skip_still_counts_as_a_step(resume_results):
+def test_fp16_overflow_skip_still_counts_as_a_step(needs_deepspeed_fp16, resume_results):
     skipped = [res["fp16"]["skipped"] for res in resume_results]
     assert skipped == [0, 0, 1, 1]
     for res in resume_results:
