@@ -1,6 +1,7 @@
 """The synchronization plan of a config: rounds, H over training, savings versus data parallel.
 
-Pure except for ``write_plot``, which imports matplotlib only when called.
+Pure except for ``write_plot``, which imports matplotlib only when called. The wall-time
+projection's cost model lives in projection.py; ``build_projection`` feeds it this plan's rounds.
 """
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Callable
 
 from .config import QSRConfig, QSRConfigError, load, read_json
 from .lr import lr_fn_from_deepspeed
-from .schedule import ScheduleError
+from .projection import CostInputs, ProjectionError, dtype_bytes, project, to_dict
+from .schedule import ScheduleError, SyncSchedule
 
 LrFn = Callable[[int], float]
 
@@ -60,13 +62,17 @@ def _warnings(config: QSRConfig, lr_at: LrFn) -> list[str]:
     return out
 
 
+def _rounds(config: QSRConfig, lr_at: LrFn) -> list[tuple[int, int]]:
+    try:
+        return config.schedule().rounds(lr_at)
+    except ScheduleError as err:
+        raise QSRConfigError(f"{config.source}: {err}") from None
+
+
 def build_plan(config: QSRConfig, lr_at: LrFn) -> dict:
     """The plan of ``config`` under ``lr_at(step) -> lr`` (0-based optimizer steps)."""
     schedule = config.schedule()
-    try:
-        rounds = schedule.rounds(lr_at)
-    except ScheduleError as err:
-        raise QSRConfigError(f"{config.source}: {err}") from None
+    rounds = _rounds(config, lr_at)
     total = config.total_steps
     grown = [s for s, h in rounds if h > config.h_base]
     last_start, last_h = rounds[-1]
@@ -91,6 +97,56 @@ def build_plan(config: QSRConfig, lr_at: LrFn) -> dict:
         "phases": _phases(config, rounds, lr_at),
         "warnings": _warnings(config, lr_at),
     }
+
+
+# Averaged entries with one number per parameter; "buffers" (BatchNorm statistics) are not counted.
+_PER_PARAMETER = ("params", "exp_avg", "exp_avg_sq", "momentum")
+
+
+def cost_inputs(config: QSRConfig, *, step_seconds: float, replicas: int, params: float,
+                bandwidth_bits_per_s: float, state_dtype: str = "fp32", grad_dtype: str | None = None,
+                latency_s: float = 0.0, overlap_steps: int | None = None, compress: str | None = None,
+                int8_block: int = 256, dp_overlap: float = 0.0) -> CostInputs:
+    """The cost model's inputs for ``config`` on a model of ``params`` parameters.
+
+    A round averages every entry of ``config.average`` that has one number per parameter,
+    in ``state_dtype``; data parallel all-reduces gradients in ``grad_dtype`` (default: the
+    state's). ``overlap_steps`` and ``compress`` default to the config's own settings, if it
+    has them. Errors are ProjectionErrors naming the keyword.
+    """
+    if not (isinstance(params, (int, float)) and params >= 1):
+        raise ProjectionError("params", f"must be >= 1, got {params!r}")
+    elements_per_param = sum(1 for name in _PER_PARAMETER if name in config.averages)
+    state_size = _dtype(state_dtype, "state_dtype")
+    grad_size = state_size if grad_dtype is None else _dtype(grad_dtype, "grad_dtype")
+    if overlap_steps is None:
+        overlap_steps = int(getattr(config, "overlap_steps", 0) or 0)
+    if compress is None:
+        compress = getattr(config, "compress", None) or "none"
+    elements = params * elements_per_param
+    return CostInputs(
+        step_seconds=step_seconds, replicas=replicas, state_bytes=elements * state_size, state_elements=elements,
+        grad_bytes=params * grad_size, bandwidth_bits_per_s=bandwidth_bits_per_s, latency_s=latency_s,
+        overlap_steps=overlap_steps, compress=compress, int8_block=int8_block, dp_overlap=dp_overlap,
+    )
+
+
+def _dtype(name: str, field: str) -> int:
+    try:
+        return dtype_bytes(name)
+    except ValueError as err:
+        raise ProjectionError(field, str(err)) from None
+
+
+def build_projection(config: QSRConfig, lr_at: LrFn, inputs: CostInputs) -> dict:
+    """Projected hours of compute only, data parallel, constant H = h_base and ``config``'s schedule."""
+    constant = SyncSchedule(rule="constant", h_base=config.h_base, total_steps=config.total_steps)
+    methods = project(inputs, constant_rounds=constant.rounds(lambda step: 0.0),
+                      schedule_rounds=_rounds(config, lr_at), rule=config.rule, h_base=config.h_base)
+    out = to_dict(inputs, methods)
+    out["ranks_per_replica"] = config.ranks_per_replica
+    out["averaged"] = [name for name in config.average if name in _PER_PARAMETER]
+    return out
 
 
 def load_plan_inputs(path: str | os.PathLike) -> tuple[QSRConfig, LrFn]:
