@@ -87,7 +87,7 @@ def _projection_inputs(args: argparse.Namespace, config):
             dp_overlap=args.dp_overlap,
         )
     except ProjectionError as err:
-        flag = _FLAG_OF.get(err.field, "--replicas / --world-size" if err.field == "replicas" else err.field)
+        flag = _FLAG_OF.get(err.field, err.field)
         raise FlagError(f"{flag}: {err.reason}") from None
 
 
