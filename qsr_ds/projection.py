@@ -12,9 +12,11 @@ by one slow link (one replica per node, its S ranks on fast links inside):
 * data parallel (hierarchical: reduce inside the node, then across nodes) all-reduces the
   gradient bytes once per step; a fraction f of the step's compute can hide it (overlap
   with backward): step wall = t + max(0, c_dp - f t).
-* local methods (constant H, QSR, ...) all-reduce the averaged state once per round
-  (compressed: bf16 halves the bytes, int8 sends 1 byte per element plus one fp32 scale
-  per block). A blocking round costs its all-reduce time c; an overlapped round (tau >= 1)
+* local methods (constant H, QSR, ...) all-reduce the averaged state once per round.
+  Compressed rounds (qsr_ds/compress.py) all-gather each replica's quantized row instead
+  (bf16: 2 bytes per element; int8: 1 byte plus one fp32 scale per block), so a node
+  sends (R-1) rows: the same bytes as the fp32 ring at R = 2 halved (bf16) or quartered
+  (int8), less saving for larger R. A blocking round costs its time c; an overlapped round (tau >= 1)
   hides min(c, tau t) of it, except rounds shorter than tau + 1 steps and the last round
   of the run, which block: wall = N t + sum over rounds of the exposed time.
 * rho = one collective's time / t, the number that decides how much communication costs.
@@ -115,22 +117,28 @@ def wire_bytes(inputs: CostInputs) -> float:
     return inputs.state_bytes
 
 
-def collective_seconds(inputs: CostInputs, payload_bytes: float) -> float:
-    """Time of one all-reduce of ``payload_bytes`` per replica across the slow link."""
+def round_link_bytes(inputs: CostInputs) -> float:
+    """Bytes one node sends over its link in one local round."""
+    if inputs.compress == "none":
+        return ring_factor(inputs.replicas) * inputs.state_bytes
+    return (inputs.replicas - 1) * wire_bytes(inputs)  # all-gather of every replica's quantized row
+
+
+def link_seconds(inputs: CostInputs, link_bytes: float) -> float:
+    """Time of one collective that puts ``link_bytes`` on each node's link (0 for R = 1)."""
     if inputs.replicas == 1:
         return 0.0
-    link_bytes = ring_factor(inputs.replicas) * payload_bytes
     return inputs.latency_s + link_bytes * 8 / inputs.bandwidth_bits_per_s
 
 
 def round_seconds(inputs: CostInputs) -> float:
-    """c: one local round's all-reduce time."""
-    return collective_seconds(inputs, wire_bytes(inputs))
+    """c: one local round's communication time."""
+    return link_seconds(inputs, round_link_bytes(inputs))
 
 
 def dp_step_comm_seconds(inputs: CostInputs) -> float:
-    """c_dp: one data-parallel step's gradient all-reduce time."""
-    return collective_seconds(inputs, inputs.grad_bytes)
+    """c_dp: one data-parallel step's gradient all-reduce time (ring)."""
+    return link_seconds(inputs, ring_factor(inputs.replicas) * inputs.grad_bytes)
 
 
 def is_blocking(h: int, last: bool, overlap_steps: int) -> bool:
@@ -282,11 +290,12 @@ def assumptions(inputs: CostInputs) -> list[str]:
     lines = [
         f"t = {inputs.step_seconds:g} s compute per step (one replica alone); R = {r} replicas; "
         f"link {format_rate(inputs.bandwidth_bits_per_s)} each way, latency {inputs.latency_s * 1e3:g} ms per collective",
-        f"each collective is a ring all-reduce: a node sends 2(R-1)/R = {ring_factor(r):g} x the replica's bytes",
+        f"data parallel and fp32 rounds are ring all-reduces: a node sends 2(R-1)/R = {ring_factor(r):g} x the replica's bytes",
         f"data parallel: {inputs.grad_bytes / 1e6:,.1f} MB of gradients per step, "
         + (f"{inputs.dp_overlap:g} of the step's compute hides it" if inputs.dp_overlap else "not overlapped"),
         f"local rounds: {inputs.state_bytes / 1e6:,.1f} MB averaged per round"
-        + (f", sent as {inputs.compress}: {wire_bytes(inputs) / 1e6:,.1f} MB" if inputs.compress != "none" else "")
+        + (f", sent as {inputs.compress} rows of {wire_bytes(inputs) / 1e6:,.1f} MB, all-gathered: "
+           f"(R-1) = {r - 1} rows on the link" if inputs.compress != "none" else "")
         + (f"; overlapped by tau={inputs.overlap_steps} steps (rounds shorter than {inputs.overlap_steps + 1} "
            "and the last round block)" if inputs.overlap_steps else "; blocking"),
         "hours = (steps x t + exposed communication) / 3600; rho = one collective's time / t",
@@ -308,6 +317,7 @@ def to_dict(inputs: CostInputs, methods: list[MethodProjection]) -> dict:
     return {
         "inputs": asdict(inputs),
         "wire_bytes_per_round": wire_bytes(inputs),
+        "link_bytes_per_round": round_link_bytes(inputs),
         "round_seconds": round_seconds(inputs),
         "dp_step_comm_seconds": dp_step_comm_seconds(inputs),
         "assumptions": assumptions(inputs),

@@ -78,6 +78,12 @@ def test_compressed_bytes():
     assert pj.wire_bytes(int8) == 1e6 + 4 * math.ceil(1e6 / 256) == 1_015_628
     assert pj.wire_bytes(inputs(state_bytes=4e6, state_elements=1e6, compress="int8", int8_block=1000)) == 1_004_000
     assert pj.round_seconds(int8) == pytest.approx(1_015_628 * 8 / 8e6)
+    # compressed rounds all-gather one row per replica: (R - 1) rows on each node's link
+    assert pj.round_link_bytes(int8) == 1_015_628 and pj.round_link_bytes(fp32) == 4e6
+    four = dict(state_bytes=4e6, state_elements=1e6, replicas=4)
+    assert pj.round_link_bytes(inputs(**four)) == 1.5 * 4e6
+    assert pj.round_link_bytes(inputs(**four, compress="bf16")) == 3 * 2e6  # more than fp32's ring at R = 4
+    assert pj.round_link_bytes(inputs(**four, compress="int8")) == 3 * 1_015_628
     # a state already in bf16 gains nothing from bf16 rounds
     assert pj.wire_bytes(inputs(state_bytes=2e6, state_elements=1e6, compress="bf16")) == 2e6
 
@@ -167,7 +173,7 @@ def test_text_table_and_model_bytes(capsys):
     flags = ["--project", "--step-time", "0.75", "--model-bytes", "344MB", "--bandwidth", "10000mbit", "--replicas", "2"]
     assert main(["plan", "--config", VIT, *flags]) == 0
     out = capsys.readouterr().out
-    assert "9,711" in out and "projected wall time" in out and "2(R-1)/R" in out
+    assert "9,711" in out and "projected wall time" in out and "2(R-1)/R = 1 x" in out
     table = {line.split()[0]: line.split() for line in out.splitlines()[-6:]}
     assert table["qsr"][-3] == "20.24" and table["data"][-3] == "26.66"
 
