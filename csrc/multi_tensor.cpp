@@ -15,6 +15,8 @@
 
 #include <ATen/Parallel.h>
 
+#include "convert.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -22,6 +24,8 @@
 #include <vector>
 
 namespace {
+
+using qsr_ds::Conv;
 
 constexpr int64_t kChunk = int64_t(1) << 15;       // elements per work item
 constexpr int64_t kSerialBelow = int64_t(1) << 16;  // fewer elements than this: one thread
@@ -45,53 +49,6 @@ std::vector<Item> split(const std::vector<int64_t>& numels) {
 int threads_for(int64_t total) {
   return total < kSerialBelow ? 1 : std::max(1, at::get_num_threads());
 }
-
-// ---- element conversions (branch-free so that the loops vectorize) -------------------
-
-inline float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-
-template <typename T>
-struct Conv;
-
-template <>
-struct Conv<float> {
-  static float load(float x) { return x; }
-  static float store(float x) { return x; }
-};
-
-template <>
-struct Conv<double> {
-  static float load(double x) { return static_cast<float>(x); }
-  static double store(float x) { return static_cast<double>(x); }
-};
-
-template <>
-struct Conv<c10::BFloat16> {
-  static float load(c10::BFloat16 x) { return bits_to_float(uint32_t(x.x) << 16); }
-  static c10::BFloat16 store(float f) {
-    // round to nearest even; any NaN becomes 0x7FC0 (what c10::BFloat16 does)
-    const uint32_t u = float_to_bits(f);
-    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    const uint16_t bits = (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : uint16_t(rounded);
-    return c10::BFloat16(bits, c10::BFloat16::from_bits());
-  }
-};
-
-template <>
-struct Conv<c10::Half> {
-  static float load(c10::Half x) { return static_cast<float>(x); }
-  static c10::Half store(float f) { return c10::Half(f); }
-};
 
 // ---- inner loops ---------------------------------------------------------------------
 
@@ -282,6 +239,8 @@ int64_t first_nonfinite(const std::vector<at::Tensor>& tensors) {
   return found == int64_t(tensors.size()) ? -1 : found;
 }
 
+void qsr_ds_register_quantize(py::module& m);  // csrc/quantize.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "qsr_ds fused multi-tensor pack / unpack / non-finite scan for CPU tensors";
   m.def("pack", &pack, "bucket[o:o+n] = source * scale for each source (fp32 bucket)", py::arg("sources"),
@@ -292,4 +251,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("first_nonfinite", &first_nonfinite, "index of the first tensor with NaN/Inf, or -1", py::arg("tensors"),
         py::call_guard<py::gil_scoped_release>());
   m.def("openmp_threads", []() { return at::get_num_threads(); });
+  qsr_ds_register_quantize(m);
 }

@@ -7,6 +7,20 @@ A back-end implements:
                                                dtype); copy (a low-precision model copy, or
                                                None) = the same slice rounded; resets zeroed
     first_nonfinite(tensors) -> int            index of the first tensor with NaN/Inf, or -1
+
+and, for compressed rounds (qsr_ds/compress.py; all arithmetic in fp32, no fused multiply-add):
+    quantize(mode, block, sources, anchors, residuals, q, scales, offsets, block_offsets)
+        per source x with anchor a and residual e (None entries: a = 0, e = 0 and not kept):
+        d = (x - a) + e; q[o:o+n] = Q(d); e = d - deQ(q).  mode "bf16": Q = round to nearest
+        even bf16.  mode "int8": blocks of ``block`` elements from the start of each source (the
+        last one partial) at scales[bo + j]; scale = max|d| / 127, q = rne(d * (127 / max|d|))
+        clamped to +-127, deQ = q * scale; 127 / max|d| not finite (a zero block): scale 0, q 0;
+        a block holding NaN/Inf: scale NaN, q 0 (so e and every later result is NaN there).
+    dequantize(mode, block, q_rows, scale_rows, targets, anchors, copies, offsets, block_offsets,
+               inv_count)
+        mean = (deQ(q_rows[0]) + deQ(q_rows[1]) + ... ) * inv_count, summed in that order;
+        value = a + mean (or mean without an anchor); target, anchor and copy = value, each
+        rounded once to its dtype.
 """
 from __future__ import annotations
 

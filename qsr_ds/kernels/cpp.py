@@ -1,8 +1,9 @@
-"""The C++ back-end: csrc/multi_tensor.cpp, compiled just in time on first use.
+"""The C++ back-end: csrc/multi_tensor.cpp (+ csrc/quantize.cpp), compiled just in time on first use.
 
 Nothing is built when qsr_ds is imported or installed. The first ``load(cpu)`` compiles
-the op with torch.utils.cpp_extension.load (-O3 -fopenmp; no -march, since the cache may
-be reused on another CPU) into a per-user cache, ``$QSR_DS_EXTENSIONS_DIR`` or
+the op with torch.utils.cpp_extension.load (-O3 -fopenmp -ffp-contract=off; no -march,
+since the cache may be reused on another CPU; no fused multiply-add, which would round
+differently from the torch reference) into a per-user cache, ``$QSR_DS_EXTENSIONS_DIR`` or
 ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/qsr_ds/torch_extensions``, under a folder named
 after the Python and torch versions and the torch installation. An exclusive file lock
 (fcntl) around the build lets concurrent ranks build once and the others load the result;
@@ -30,6 +31,7 @@ from .reference import ReferenceKernels
 
 NAME = "qsr_ds_multi_tensor"
 SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "multi_tensor.cpp"
+QUANTIZE_SOURCE = SOURCE.parent / "quantize.cpp"  # compressed rounds; one module with SOURCE
 FAST_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 _lock = threading.Lock()
@@ -49,9 +51,11 @@ def cache_dir() -> Path:
 
 def _build():
     """Compile (or load the cached build of) csrc/multi_tensor.cpp; raises on failure."""
-    if not SOURCE.is_file():
+    for source in (SOURCE, QUANTIZE_SOURCE):
+        if source.is_file():
+            continue
         raise FileNotFoundError(
-            f"{SOURCE} is missing (qsr_ds was installed without its csrc/ folder; use an editable install "
+            f"{source} is missing (qsr_ds was installed without its csrc/ folder; use an editable install "
             "or a source checkout)"
         )
     from torch.utils import cpp_extension
@@ -71,8 +75,8 @@ def _build():
             verbose = os.environ.get("QSR_DS_VERBOSE_BUILD") == "1"
             return cpp_extension.load(
                 name=NAME,
-                sources=[str(SOURCE)],
-                extra_cflags=["-O3", "-fopenmp"],
+                sources=[str(SOURCE), str(QUANTIZE_SOURCE)],
+                extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(build),
                 verbose=verbose,
@@ -168,10 +172,46 @@ class CppKernels:
             if not (r.is_contiguous() and r.device.type == "cpu"):
                 r.zero_()
 
+    def quantize(self, mode: str, block: int, sources: Sequence[Tensor], anchors: Sequence[Tensor | None],
+                 residuals: Sequence[Tensor | None], q: Tensor, scales: Tensor | None, offsets: Sequence[int],
+                 block_offsets: Sequence[int]) -> None:
+        anchors = list(anchors) if anchors else [None] * len(sources)
+        residuals = list(residuals) if residuals else [None] * len(sources)
+        fast = [i for i, x in enumerate(sources) if _fast(x) and (anchors[i] is None or (
+            _fast(anchors[i]) and anchors[i].dtype == x.dtype)) and (residuals[i] is None or _fast_fp32(residuals[i]))]
+        slow = sorted(set(range(len(sources))) - set(fast))
+        self.ops.quantize(mode == "int8", block, *_pick(fast, sources, anchors, residuals), q, scales,
+                          *_pick(fast, offsets, block_offsets))
+        if slow:
+            self._reference.quantize(mode, block, *_pick(slow, sources, anchors, residuals), q, scales,
+                                     *_pick(slow, offsets, block_offsets))
+
+    def dequantize(self, mode: str, block: int, q_rows: Tensor, scale_rows: Tensor | None,
+                   targets: Sequence[Tensor], anchors: Sequence[Tensor | None], copies: Sequence[Tensor | None],
+                   offsets: Sequence[int], block_offsets: Sequence[int], inv_count: float) -> None:
+        anchors = list(anchors) if anchors else [None] * len(targets)
+        copies = list(copies) if copies else [None] * len(targets)
+        fast = [i for i, t in enumerate(targets) if _fast(t) and (anchors[i] is None or (
+            _fast(anchors[i]) and anchors[i].dtype == t.dtype)) and (copies[i] is None or _fast(copies[i]))]
+        slow = sorted(set(range(len(targets))) - set(fast))
+        self.ops.dequantize(mode == "int8", block, q_rows, scale_rows, *_pick(fast, targets, anchors, copies),
+                            *_pick(fast, offsets, block_offsets), float(inv_count))
+        if slow:
+            self._reference.dequantize(mode, block, q_rows, scale_rows, *_pick(slow, targets, anchors, copies),
+                                       *_pick(slow, offsets, block_offsets), inv_count)
+
     def first_nonfinite(self, tensors: Sequence[Tensor]) -> int:
         if all(_fast(t) for t in tensors):
             return int(self.ops.first_nonfinite(list(tensors)))
         return _first_nonfinite_slow(self._reference, tensors)
+
+
+def _fast_fp32(t: Tensor) -> bool:
+    return t.is_contiguous() and t.dtype == torch.float32 and t.device.type == "cpu"
+
+
+def _pick(index: Sequence[int], *lists: Sequence) -> list[list]:
+    return [[values[i] for i in index] for values in lists]
 
 
 def _first_nonfinite_slow(reference: ReferenceKernels, tensors: Sequence[Tensor]) -> int:
