@@ -218,3 +218,38 @@ def test_projection_needs_no_torch():
     code = "import sys, qsr_ds.projection, qsr_ds.plan; assert 'torch' not in sys.modules"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 0, done.stderr
+
+
+def load_validator():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("validate_projection",
+                                                  os.path.join(ROOT, "benchmarks", "validate_projection.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_validator_projects_rows_from_measured_inputs():
+    v = load_validator()
+    # 7.5 MB per round over 50 Mbit/s: 1.2 s; the 40-step compression of configs/qsr.json runs 14 rounds
+    base = dict(bandwidth_mbit=50.0, delay_ms=0.0, steps=40)
+    rows = [
+        dict(base, method="ceiling", seconds_per_step=0.3, repeat=0),
+        dict(base, method="qsr", seconds_per_step=0.3 + 14 * 1.2 / 40, rounds=14,
+             bytes_across_replicas=14 * 7.5e6, repeat=0),
+        dict(base, method="data_parallel", seconds_per_step=1.5, rounds=40, link_bytes=2 * 40 * 6.25e6,
+             bytes_across_replicas=0, repeat=0),
+        dict(base, method="ceiling", median_seconds_per_step=0.5, repeat=1),
+        dict(base, method="qsr", median_seconds_per_step=0.5, rounds=13, bytes_across_replicas=13 * 7.5e6, repeat=1),
+    ]
+    got = v.validate({"rows": rows})
+    qsr, dp, odd = got["rows"]
+    assert qsr["projected_seconds_per_step"] == pytest.approx(0.72) and qsr["error"] == pytest.approx(0.0, abs=1e-12)
+    assert qsr["inputs_note"] == "14 rounds" and qsr["within_target"]
+    assert dp["projected_seconds_per_step"] == pytest.approx(0.3 + 1.0)  # 6.25 MB per direction per step
+    assert dp["error"] == pytest.approx(1.3 / 1.5 - 1) and not dp["within_target"]
+    assert odd["ceiling_seconds_per_step"] == 0.5  # its own repeat's ceiling
+    assert odd["inputs_note"].startswith("schedule not rebuilt")
+    assert odd["projected_seconds_per_step"] == pytest.approx(0.5 + 13 * 1.2 / 40)
+    assert (got["checked"], got["within_target"]) == (3, 1)
