@@ -6,7 +6,9 @@ prints projected against measured seconds per step:
 
   t          the compute-only ceiling row of the same bandwidth (and repeat, if the JSON has repeats)
   link       the row's shaped rate (tc tbf, SI Mbit/s), latency = 2 x the added netem delay per collective
-  bytes      local methods: the bytes the averager reported per round (bytes_across_replicas / rounds);
+  bytes      local methods: the bytes the averager reported per round (bytes_across_replicas / rounds;
+             for compressed rows these are the rows sent, which at R = 2 cross the link once, as the
+             fp32 ring's bytes do, so one factor fits both);
              data parallel: the veth tx bytes per step, per direction (link_bytes / 2 / steps), since the
              committed data-parallel row (ZeRO-2 over all 4 ranks) is not the planner's hierarchical model
   rounds     the schedule the benchmark ran (configs/qsr.json compressed to the row's steps, as
@@ -78,7 +80,11 @@ def link_inputs(row: dict, step_seconds: float, payload: float) -> CostInputs:
     )
 
 
-def project_row(row: dict, step_seconds: float) -> tuple[float, str]:
+def is_data_parallel(method: str) -> bool:
+    return method.startswith("data_parallel") or "hsdp" in method or method.startswith("dp")
+
+
+def project_row(row: dict, step_seconds: float) -> tuple[float | None, str]:
     """Projected seconds per step of one measured row, and how its inputs were taken."""
     steps = row["steps"]
     if row.get("bytes_across_replicas") and row.get("rounds"):
@@ -91,6 +97,8 @@ def project_row(row: dict, step_seconds: float) -> tuple[float, str]:
         inputs = link_inputs(row, step_seconds, row["bytes_across_replicas"] / row["rounds"])
         m = project_rounds(inputs, rounds, method=row["method"], label=row["method"])
         return (steps * step_seconds + m.exposed_comm_seconds) / steps, note
+    if not is_data_parallel(row["method"]):
+        return None, "skipped: no bytes per round in the row, and not a data-parallel method"
     per_direction = row["link_bytes"] / 2 / steps
     inputs = link_inputs(row, step_seconds, per_direction)
     m = project_data_parallel(inputs, steps)
@@ -108,9 +116,13 @@ def validate(data: dict, source: Path = SOURCE) -> dict:
             continue
         t = ceilings.get(group_key(row))
         if t is None:
-            out.append({"method": row["method"], "bandwidth_mbit": row["bandwidth_mbit"], "skipped": "no ceiling row"})
+            out.append({"method": row["method"], "bandwidth_mbit": row["bandwidth_mbit"],
+                        "skipped": "skipped: no ceiling row"})
             continue
         projected, note = project_row(row, t)
+        if projected is None:
+            out.append({"method": row["method"], "bandwidth_mbit": row["bandwidth_mbit"], "skipped": note})
+            continue
         pooled_projected, _ = project_row(row, pooled)
         error = projected / measured - 1
         out.append({
@@ -142,7 +154,7 @@ def table(result: dict) -> list[str]:
              "| ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | --- |"]
     for r in result["rows"]:
         if "error" not in r:
-            lines.append(f"| {r['bandwidth_mbit']:g} | {r['method']} | - | - | - | - | skipped: {r['skipped']} | - | - |")
+            lines.append(f"| {r['bandwidth_mbit']:g} | {r['method']} | - | - | - | - | {r['skipped']} | - | - |")
             continue
         lines.append(
             f"| {r['bandwidth_mbit']:g} | {r['method']} | {r['ceiling_seconds_per_step'] * 1e3:.0f} | "

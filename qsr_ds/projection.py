@@ -66,7 +66,7 @@ class CostInputs:
     compress: str = "none"
     """Local rounds send none (the fp32 state as is), bf16 (2 bytes/element) or int8 (1 + scales)."""
     int8_block: int = 256
-    """Elements sharing one fp32 scale in int8 rounds."""
+    """Elements sharing one fp32 scale in int8 rounds (compress.py starts blocks per tensor; ignored here)."""
     dp_overlap: float = 0.0
     """f: fraction of a step's compute that data parallel's gradient all-reduce can hide behind (0..1)."""
 
@@ -109,7 +109,7 @@ def ring_factor(replicas: int) -> float:
 
 
 def wire_bytes(inputs: CostInputs) -> float:
-    """Bytes one replica puts into one round's all-reduce after compression."""
+    """One replica's payload in one round: its fp32 state, or its quantized row when compressed."""
     if inputs.compress == "bf16":
         return min(inputs.state_bytes, 2 * inputs.state_elements)
     if inputs.compress == "int8":
@@ -157,11 +157,11 @@ class MethodProjection:
     steps: int
     """Optimizer steps in the run."""
     collectives: int
-    """All-reduces across the slow link: one per step (data parallel) or per round."""
+    """Collectives across the slow link: one per step (data parallel) or per round; 0 when R = 1."""
     blocking: int
     """Collectives whose time is fully exposed."""
     seconds_per_collective: float
-    """One all-reduce across the slow link."""
+    """One collective across the slow link (latency included)."""
     rho: float
     """seconds_per_collective / step_seconds."""
     compute_seconds: float

@@ -242,9 +242,13 @@ def test_validator_projects_rows_from_measured_inputs():
              bytes_across_replicas=0, repeat=0),
         dict(base, method="ceiling", median_seconds_per_step=0.5, repeat=1),
         dict(base, method="qsr", median_seconds_per_step=0.5, rounds=13, bytes_across_replicas=13 * 7.5e6, repeat=1),
+        dict(base, method="torchft_diloco", seconds_per_step=0.4, link_bytes=1e6, repeat=1),
+        dict(base, method="qsr", seconds_per_step=0.4, rounds=14, bytes_across_replicas=1e6, repeat=2),
     ]
     got = v.validate({"rows": rows})
-    qsr, dp, odd = got["rows"]
+    qsr, dp, odd, peer, lonely = got["rows"]
+    assert peer["skipped"].startswith("skipped: no bytes per round") and "error" not in peer
+    assert lonely["skipped"] == "skipped: no ceiling row"
     assert qsr["projected_seconds_per_step"] == pytest.approx(0.72) and qsr["error"] == pytest.approx(0.0, abs=1e-12)
     assert qsr["inputs_note"] == "14 rounds" and qsr["within_target"]
     assert dp["projected_seconds_per_step"] == pytest.approx(0.3 + 1.0)  # 6.25 MB per direction per step
