@@ -214,6 +214,14 @@ def test_missing_and_stray_flags(capsys):
     assert capsys.readouterr().err == "error: --replicas / --world-size: give exactly one\n"
 
 
+def test_unparsable_number_names_the_flag(capsys):
+    flags = [f if f != "0.75" else "fast" for f in VIT_FLAGS]
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", "--config", VIT, *flags])
+    assert exit_.value.code == 2
+    assert "argument --step-time: invalid float value: 'fast'" in capsys.readouterr().err
+
+
 def test_projection_needs_no_torch():
     code = "import sys, qsr_ds.projection, qsr_ds.plan; assert 'torch' not in sys.modules"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
