@@ -292,6 +292,20 @@ class TritonKernels:
                        offs + [0] * len(rs), cdeltas, vec, n_targets=len(idx),
                        copy_index=idx[0] if copy_dtype is not None else None)
 
+    # -- compressed rounds (qsr_ds/kernels/triton_quant.py) --------------------------------
+    def quantize(self, *args) -> None:
+        self._quant().quantize(*args)
+
+    def dequantize(self, *args) -> None:
+        self._quant().dequantize(*args)
+
+    def _quant(self):
+        if getattr(self, "_quant_kernels", None) is None:
+            from .triton_quant import TritonQuantKernels
+
+            self._quant_kernels = TritonQuantKernels(self._reference)
+        return self._quant_kernels
+
     # -- non-finite scan ------------------------------------------------------------------
     def first_nonfinite(self, tensors: Sequence[Tensor]) -> int:
         if not tensors:
