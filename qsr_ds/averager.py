@@ -1,8 +1,8 @@
 """Average this rank's tensors with the same rank of every other replica.
 
-A round: one tiny header all-gather over the world (layout fingerprint, first non-finite
-tensor, step count) so that every rank agrees to go on or raises the same error before
-anything is written; then large contiguous fp32 tensors are all-reduced in place (zero
+A round: the pre-check (qsr_ds/precheck.py: two fixed-size all-reduces on layout
+fingerprint, step count and a non-finite flag) so that every rank agrees to go on or raises
+the same error before anything is written; then large contiguous fp32 tensors are all-reduced in place (zero
 copy) and everything else is packed into fp32 buckets pre-scaled by 1/R, all-reduced
 (SUM) over the replica group and unpacked. Bucket i's all-reduce runs while bucket i+1
 packs; two buckets of scratch per device at most.
@@ -18,18 +18,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import precheck
 from .kernels import get_backend
+from .precheck import ReplicaCommError, ReplicaMismatchError, Verdict
 from .topology import Topology
 
 FP32_BYTES = 4
-
-
-class ReplicaMismatchError(RuntimeError):
-    """Replicas disagree (tensor layout, step count) or hold NaN/Inf; nothing was written."""
-
-
-class ReplicaCommError(RuntimeError):
-    """A collective of a sync round failed or timed out (e.g. a rank died); names the round and group."""
 
 
 @dataclass
@@ -46,7 +40,13 @@ class RoundStats:
     comm_s: float = 0.0
     """Time waiting on all-reduces (the rest overlaps with packing)."""
     unpack_s: float = 0.0
+    check_s: float = 0.0
+    """Time in the pre-check: mostly waiting for the slowest replica (skew, stragglers), not traffic."""
+    refresh_s: float = 0.0
+    """Time refreshing the engine's model copies inside the replica after the average."""
     total_s: float = 0.0
+    lr: float | None = None
+    """The learning rate every replica decides the next H from (replica 0's)."""
 
 
 @dataclass
@@ -56,12 +56,14 @@ class AveragerTotals:
     pack_s: float = 0.0
     comm_s: float = 0.0
     unpack_s: float = 0.0
+    check_s: float = 0.0
+    refresh_s: float = 0.0
     total_s: float = 0.0
 
     def add(self, stats: RoundStats) -> None:
         self.rounds += 1
         self.bytes += stats.bytes
-        for key in ("pack_s", "comm_s", "unpack_s", "total_s"):
+        for key in ("pack_s", "comm_s", "unpack_s", "check_s", "refresh_s", "total_s"):
             setattr(self, key, getattr(self, key) + getattr(stats, key))
 
     def state_dict(self) -> dict:
@@ -69,7 +71,8 @@ class AveragerTotals:
 
     def load_state_dict(self, state: Mapping) -> None:
         for key, value in state.items():
-            setattr(self, key, type(getattr(self, key))(value))
+            if hasattr(self, key):  # older checkpoints lack the newer fields
+                setattr(self, key, type(getattr(self, key))(value))
 
 
 @dataclass
@@ -117,7 +120,9 @@ class ReplicaAverager:
     maps a name to a low-precision model copy refreshed from the averaged value in the
     same unpack pass (e.g. the bf16 parameter of an fp32 master). ``signature``: extra
     (name, shape, dtype) entries every replica must agree on before anything is averaged,
-    e.g. ``module_signature(model)`` when the tensors are flat shards.
+    e.g. ``module_signature(model)`` when the tensors are flat shards. ``scan``: views of
+    the real elements to check for NaN/Inf, as (index into ``tensors``, view) pairs, when a
+    tensor holds padding that is uninitialised memory (ZeRO-3); default: every tensor whole.
     """
 
     def __init__(
@@ -130,6 +135,7 @@ class ReplicaAverager:
         kernel: str = "auto",
         check_finite: bool = True,
         signature: Sequence[tuple] = (),
+        scan: Sequence[tuple[int, Tensor]] | None = None,
     ) -> None:
         self.topology = topology
         self.named = [(str(n), t) for n, t in tensors]
@@ -143,6 +149,8 @@ class ReplicaAverager:
             if name in copies and copies[name].shape != t.shape:
                 raise ValueError(f"copy of {name} has shape {tuple(copies[name].shape)}, expected {tuple(t.shape)}")
         self.check_finite = check_finite
+        self.copy_of = [copies.get(name) for name, _ in self.named]  # per tensor, for overlapped rounds
+        self.scan = list(scan) if scan is not None else list(enumerate(t for _, t in self.named))
         self.signature = [(str(n), tuple(shape), str(dtype)) for n, shape, dtype in signature]
         self.layout = self.signature + layout_of(self.named)  # a model difference is named first
         self.fingerprint = fingerprint(self.layout)
@@ -203,20 +211,24 @@ class ReplicaAverager:
         return bufs[i % len(bufs)][: bucket.numel]
 
     @torch.no_grad()
-    def average(self, step: int | None = None) -> RoundStats:
-        """One sync round; ``step`` (completed optimizer steps) is checked equal on all replicas."""
-        stats = RoundStats(tensors=len(self.named), buckets=len(self.buckets), in_place=len(self.in_place))
+    def average(self, step: int | None = None, *, lr: float | None = None) -> RoundStats:
+        """One sync round; ``step`` (completed optimizer steps) is checked equal on all replicas.
+
+        ``lr``: this replica's learning rate for the next H; the round returns replica 0's in ``stats.lr``.
+        """
+        stats = RoundStats(tensors=len(self.named), buckets=len(self.buckets), in_place=len(self.in_place), lr=lr)
         if self.num_replicas == 1:
             self._record(stats)
             return stats
         start = time.perf_counter()
         round_no = self.totals.rounds + 1
-        self.check(step, what=f"sync round {round_no}")
+        verdict = self.check(step, what=f"sync round {round_no}", lr=lr)
+        stats.lr, stats.check_s = verdict.lr, verdict.wait_s
         try:
             self._reduce(stats)
         except RuntimeError as err:
             raise ReplicaCommError(
-                f"sync round {round_no}: all-reduce over the replica group (ranks {self.topology.replica_ranks}) "
+                f"sync round {round_no}: all-reduce over the replica group (ranks {self.topology.replica_group_ranks}) "
                 f"failed (a rank died or timed out?); this rank's tensors may be partly averaged, resume from "
                 f"the last checkpoint: {err}"
             ) from err
@@ -225,21 +237,26 @@ class ReplicaAverager:
         self._record(stats)
         return stats
 
-    def check(self, step: int | None = None, *, what: str = "replica check") -> None:
+    def check(self, step: int | None = None, *, what: str = "replica check", lr: float | None = None) -> Verdict:
         """A round's pre-check alone: every rank agrees on layout (and signature), step and finiteness.
 
         Raises the same ReplicaMismatchError on every rank, or ReplicaCommError when a rank is gone;
         for collectives over the replica group other than a round (e.g. the start-up broadcast).
+        Returns replica 0's ``lr`` (see qsr_ds/precheck.py).
         """
         if self.num_replicas == 1:
-            return
+            return Verdict(lr=lr, wait_s=0.0)
         try:
-            self._agree(step)
+            return precheck.agree(
+                self.topology, fingerprint=self.fingerprint, step=step, nonfinite_index=self._first_nonfinite(),
+                lr=lr, device=next(iter(self.backends)), layout=self.layout, signature_len=len(self.signature),
+                names=[n for n, _ in self.named],
+            )
         except ReplicaMismatchError:
             raise
         except RuntimeError as err:
             raise ReplicaCommError(
-                f"{what}: the pre-round check over all {self.topology.world_size} ranks failed "
+                f"{what}: the pre-round check over the replica and shard groups failed "
                 f"(a rank died or timed out?); nothing was averaged: {err}"
             ) from err
 
@@ -275,67 +292,67 @@ class ReplicaAverager:
         stats.comm_s += t1 - t0
         stats.unpack_s += time.perf_counter() - t1
 
+    def flat_units(self) -> dict[torch.device, list[int]]:
+        """Indices into ``named`` by device, in order: the layout of an overlapped round's flat fp32
+        snapshot of one device (tensor i at the summed numel of the earlier ones)."""
+        units: dict[torch.device, list[int]] = {}
+        for i, (_, t) in enumerate(self.named):
+            units.setdefault(t.device, []).append(i)
+        return units
+
+    def reduce_corrections(self, snapshot: Tensor, segment_numel: int, scratch: Sequence[Tensor],
+                           stats: RoundStats) -> None:
+        """Overlapped rounds: overwrite a device's flat fp32 snapshot x_s (``flat_units`` layout) with
+        mean(x_s) - x_s.
+
+        Segment by segment: pack x_s / R into a scratch buffer, all-reduce it over the replica group,
+        write (mean - x_s) back into the segment; segment i's all-reduce runs while segment i+1 packs
+        into the other buffer (``scratch``: two buffers of at least ``segment_numel``). Uses only the
+        replica group, so it may run on a background thread. A compressed averager overrides this
+        with its own reduction (the correction a' - x_s); the caller only applies x += snapshot.
+        """
+        group, scale = self.topology.replica_group, 1.0 / self.num_replicas
+        pending = None
+        for i, segment in enumerate(snapshot.split(segment_numel)):
+            if pending is not None and len(scratch) < 2:  # one buffer: no pipelining
+                self._correct(*pending, stats)
+                pending = None
+            buf = scratch[i % len(scratch)][: segment.numel()]
+            t0 = time.perf_counter()
+            torch.mul(segment, scale, out=buf)  # the same fl(x * 1/R) terms as a blocking round's pack
+            stats.pack_s += time.perf_counter() - t0
+            work = dist.all_reduce(buf, group=group, async_op=True)
+            if pending is not None:
+                self._correct(*pending, stats)
+            pending = (segment, buf, work)
+        if pending is not None:
+            self._correct(*pending, stats)
+
+    def _correct(self, segment: Tensor, buf: Tensor, work, stats: RoundStats) -> None:
+        t0 = time.perf_counter()
+        work.wait()
+        t1 = time.perf_counter()
+        torch.sub(buf, segment, out=segment)
+        stats.comm_s += t1 - t0
+        stats.unpack_s += time.perf_counter() - t1
+
     def _record(self, stats: RoundStats) -> None:
         self.last = stats
         self.totals.add(stats)
 
-    def _agree(self, step: int | None) -> None:
-        """All ranks exchange a header and raise the same error before anything is written."""
-        bad = -1
-        if self.check_finite:
-            by_device: dict[torch.device, list[int]] = {}
-            for i, (_, t) in enumerate(self.named):
-                by_device.setdefault(t.device, []).append(i)
-            found = [
-                idx[j]
-                for d, idx in by_device.items()
-                if (j := self.backends[d].first_nonfinite([self.named[i][1] for i in idx])) >= 0
-            ]
-            bad = min(found, default=-1)
-        device = next(iter(self.backends))
-        mine = torch.tensor([self.fingerprint, bad, -1 if step is None else step], dtype=torch.int64, device=device)
-        rows = [torch.empty_like(mine) for _ in range(self.topology.world_size)]
-        dist.all_gather(rows, mine, group=self.topology.world_group)
-        header = torch.stack(rows).cpu().tolist()
-        self._raise_on_disagreement(header)
-
-    def _raise_on_disagreement(self, header: list[list[int]]) -> None:
-        per_replica = self.topology.ranks_per_replica
-        for rank, (fp, bad, step) in enumerate(header):
-            first = header[rank % per_replica]
-            if fp != first[0]:
-                self._raise_layout_mismatch(rank)
-            if step != first[2]:
-                raise ReplicaMismatchError(
-                    f"replica {rank // per_replica} (rank {rank}) is at step {step} but replica 0 is at "
-                    f"step {first[2]}: replicas disagree on when to average; nothing was averaged"
-                )
-        for rank, (_, bad, _) in enumerate(header):
-            if bad >= 0:
-                same_layout = rank % per_replica == self.topology.shard_rank
-                where = f"tensor {self.named[bad][0]!r}" if same_layout else f"its tensor #{bad}"
-                raise ReplicaMismatchError(
-                    f"replica {rank // per_replica} (rank {rank}) holds NaN or Inf in {where}; refusing to "
-                    "average, every replica's tensors are left as they were"
-                )
-
-    def _raise_layout_mismatch(self, rank: int) -> None:
-        layouts: list = [None] * self.topology.world_size
-        dist.all_gather_object(layouts, self.layout, group=self.topology.world_group)
-        per_replica = self.topology.ranks_per_replica
-        ref, other = layouts[rank % per_replica], layouts[rank]
-        for i in range(max(len(ref), len(other))):
-            a = ref[i] if i < len(ref) else None
-            b = other[i] if i < len(other) else None
-            if a != b:
-                in_model = i < len(self.signature)
-                what = f"model parameter #{i}" if in_model else f"tensor #{i - len(self.signature)}"
-                raise ReplicaMismatchError(
-                    f"replica {rank // per_replica} (rank {rank}) has a different "
-                    f"{'model (other model code?)' if in_model else 'tensor layout'} than replica 0: "
-                    f"{what} is {b} there but {a} on replica 0; nothing was averaged"
-                )
-        raise ReplicaMismatchError(f"replica {rank // per_replica} (rank {rank}) has a different tensor layout")
+    def _first_nonfinite(self) -> int:
+        """Index (in ``named``) of the first tensor holding NaN/Inf in its scanned elements, else -1."""
+        if not self.check_finite:
+            return -1
+        by_device: dict[torch.device, list[int]] = {}
+        for i, t in enumerate(self.scan):
+            by_device.setdefault(t[1].device, []).append(i)
+        found = [
+            self.scan[idx[j]][0]
+            for d, idx in by_device.items()
+            if (j := self.backends[d].first_nonfinite([self.scan[i][1] for i in idx])) >= 0
+        ]
+        return min(found, default=-1)
 
 
 def flatten_into_buffer(tensors: Sequence[Tensor]) -> Tensor:

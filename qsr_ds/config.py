@@ -28,7 +28,7 @@ class QSRConfig:
 
     rule: str = "qsr"
     """qsr | constant | linear | cubic | post_local."""
-    h_base: int = 4
+    h_base: int = SyncSchedule.h_base
     """Smallest number of local steps per round (the constant rule's H)."""
     alpha: float = 0.0
     """QSR growth coefficient: H = floor((alpha / lr) ** gamma); 0 means constant H."""
@@ -65,6 +65,13 @@ class QSRConfig:
             total_steps=self.total_steps,
             switch_step=self.switch_step,
         )
+
+    def settings(self):
+        """How the sync core runs rounds (everything but the schedule and the topology)."""
+        from .core import SyncSettings
+
+        return SyncSettings(average=tuple(self.average), bucket_mb=self.bucket_mb, kernel=self.kernel,
+                            check_finite=self.check_finite)
 
     def num_replicas(self, world_size: int) -> int:
         """R for a world size; a world size that S does not divide is an error."""

@@ -42,7 +42,6 @@ an upgrade; tests/dist/test_deepspeed.py pins the behaviour):
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 import torch
@@ -50,8 +49,8 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import ds_state
-from .averager import AveragerTotals, ReplicaAverager, RoundStats, module_signature
 from .config import QSRConfig, QSRConfigError, load as load_qsr_config, read_json
+from .core import SyncCore, SyncPlan
 from .schedule import SyncTracker
 from .topology import Topology, check_divides
 
@@ -86,100 +85,38 @@ class ReplicaMPU:
         return 1
 
 
-class QSRHook:
-    """Counts the engine's optimizer steps and averages replicas at QSR boundaries."""
+class QSRHook(SyncCore):
+    """The DeepSpeed adapter: averages ZeRO 0-3's fp32 shards (qsr_ds/ds_state.py) after engine.step().
+
+    Every optimizer step the engine counts (engine.global_steps, which also advances for a
+    step DeepSpeed skipped on NaN/Inf gradients, in every dtype) is counted here; the core
+    agrees the learning rate across replicas at every round, so a replica whose scheduler
+    fell behind after a skipped step still decides the same H.
+    """
 
     def __init__(self, engine, config: QSRConfig, topology: Topology) -> None:
         self.engine = engine
         self.config = config
-        self.topology = topology
-        self.fp16 = bool(engine.fp16_enabled())
-        self.tracker = SyncTracker(config.schedule(), self.current_lr())
-        self.totals = AveragerTotals()
-        self.averager: ReplicaAverager | None = None
-        self._plan_key: list | None = None
-        self.last_round: RoundStats | None = None
+        super().__init__(schedule=config.schedule(), topology=topology, settings=config.settings())
         if topology.num_replicas > 1:
             ds_state.prepare(engine)
-            self._start_from_replica0()
+            self.start_from_replica0()
 
-    @torch.no_grad()
-    def _start_from_replica0(self) -> None:
-        """Every replica starts from replica 0's weights, as DDP starts from rank 0's.
+    def sync_plan(self) -> SyncPlan:
+        return ds_state.plan(self.engine, self.settings.average, self.topology)
 
-        DeepSpeed only broadcasts inside its data-parallel group (the replica), so replicas
-        built with different seeds would otherwise start apart. Not counted as a round.
-        """
-        plan = ds_state.plan(self.engine, ("params",))  # every tensor, not a ZeRO 0 share
-        # a round's pre-check first: a replica with other model code fails here by name, on every
-        # rank, instead of a broadcast of mismatched sizes aborting gloo or clobbering its shards
-        ReplicaAverager(plan.tensors, topology=self.topology, kernel="torch", check_finite=False,
-                        signature=module_signature(self.engine.module)).check(what="start-up broadcast from replica 0")
-        # the low-precision copies too: under ZeRO 0 they are not always the rounded masters
-        for tensor in [t for _, t in plan.tensors] + list(plan.copies.values()):
-            dist.broadcast(tensor, group=self.topology.replica_group, group_src=0)
-        if self.topology.replica_index != 0:  # replica 0 stays bit for bit plain DeepSpeed
-            plan.refresh()
-
-    @property
-    def rounds(self) -> int:
-        return self.tracker.rounds_done
-
-    @property
-    def num_replicas(self) -> int:
-        return self.topology.num_replicas
+    def broadcast_plan(self) -> SyncPlan:
+        return ds_state.plan(self.engine, ("params",))  # every tensor, not a ZeRO 0 share
 
     def current_lr(self) -> float:
         return float(self.engine.get_lr()[0])
 
-    def _agreed_lr(self) -> float:
-        """Replica 0's lr: with fp16, a step skipped for overflow leaves a replica's scheduler behind."""
-        if self.num_replicas == 1:
-            return self.current_lr()
-        lr = torch.tensor([self.current_lr()], dtype=torch.float64, device=self.engine.device)
-        dist.broadcast(lr, group=self.topology.replica_group, group_src=0)
-        return float(lr.item())
-
     def after_step(self, steps_before: int) -> None:
-        """Call after engine.step(); a step skipped for overflow counts too."""
-        self.last_round = None
-        for _ in range(self.engine.global_steps - steps_before):
-            closes = self.tracker.completed_steps + 1 == self.tracker.next_boundary
-            lr = self._agreed_lr() if closes and self.fp16 else self.current_lr()
-            if self.tracker.on_step(lr):
-                self.last_round = self.sync()
-
-    def sync(self) -> RoundStats:
-        """Average the replicas now (one round), then refresh the model inside each replica."""
-        start = time.perf_counter()
-        plan = ds_state.plan(self.engine, self.config.average, self.topology)
-        if self.averager is None or plan.key != self._plan_key:
-            bucket_mb = self.config.bucket_mb
-            if plan.flat_numel:  # flat fp32 shards: all-reduce every one of them in place, no packing
-                bucket_mb = min(bucket_mb, 8 * plan.flat_numel / 2**20)
-            self.averager = ReplicaAverager(
-                plan.tensors,
-                topology=self.topology,
-                copies=plan.copies,
-                bucket_mb=bucket_mb,
-                kernel=self.config.kernel,
-                check_finite=self.config.check_finite,
-                # ZeRO's flat shards hide the parameters: other model code of the same size would pass
-                signature=module_signature(self.engine.module),
-            )
-            self.averager.totals = self.totals
-            self._plan_key = plan.key
-        stats = self.averager.average(step=self.tracker.completed_steps)
-        if self.num_replicas > 1:
-            plan.refresh()
-            # a round's total_s covers the whole boundary: header, all-reduces and the in-replica refresh
-            extra = time.perf_counter() - start - stats.total_s
-            stats.total_s += extra
-            self.totals.total_s += extra
-        return stats
+        """Call after engine.step(): counts the optimizer steps it completed (0 between accumulation boundaries)."""
+        self.after_steps(self.engine.global_steps - steps_before)
 
     def state_dict(self) -> dict:
-        return ckpt.state_dict(self.tracker, self.totals, self.topology)
+        return self.qsr_state_dict()
 
 
 class _QSREngineMixin:
@@ -193,8 +130,23 @@ class _QSREngineMixin:
         self.qsr.after_step(before)
         return out
 
-    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, exclude_frozen_parameters=False):
-        """DeepSpeed's checkpoint of each replica under save_dir/replica<r>/<tag>, plus the QSR state."""
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, exclude_frozen_parameters=False,
+                        *, one_replica: bool | None = None):
+        """DeepSpeed's checkpoint under save_dir/replica<r>/<tag> plus the QSR state; every rank must call it.
+
+        Right after a boundary, when every replica holds the same state (the optimizer state
+        averaged too: qsr.average with "exp_avg" and "exp_avg_sq" for Adam, "momentum" for SGD;
+        buffers averaged or none; no step skipped on only some replicas), only replica 0's
+        files are written (1/R of the bytes) and every replica resumes from them, exactly.
+        Otherwise (mid-round, or optimizer state kept local, the paper's default) every
+        replica writes its own. The manifest save_dir/<tag>.qsr.json records which layout.
+        ``one_replica``: None (default) picks the one-replica layout wherever it is exact;
+        True insists on it (QSRCheckpointError on every rank, nothing written, where it is
+        not exact); False always writes every replica. The client state of a one-replica save
+        is replica 0's, as plain DeepSpeed keeps data-parallel rank 0's.
+        """
+        from . import ds_checkpoint
+
         client_state = dict(client_state or {})
         if "qsr" in client_state:
             raise KeyError('client_state key "qsr" is reserved for qsr-ds')
@@ -202,14 +154,18 @@ class _QSREngineMixin:
         topology = self.qsr.topology
         state = self.qsr.state_dict()
         client_state["qsr"] = state
-        directory = ckpt.replica_dir(save_dir, topology.replica_index)
+        layout = ds_checkpoint.choose_layout(self, self.qsr, one_replica)
+        writer = ckpt.source_replica(layout, topology.replica_index)
+        directory = ckpt.replica_dir(save_dir, writer)
         os.makedirs(directory, exist_ok=True)
-        ok = super().save_checkpoint(directory, tag, client_state=client_state, save_latest=save_latest,
-                                     exclude_frozen_parameters=exclude_frozen_parameters)
-        if save_latest and topology.shard_rank == 0 and topology.rank != 0:
+        with ds_checkpoint.writes_discarded(self, writer != topology.replica_index):  # its collectives still run
+            ok = super().save_checkpoint(directory, tag, client_state=client_state, save_latest=save_latest,
+                                         exclude_frozen_parameters=exclude_frozen_parameters)
+        if save_latest and topology.shard_rank == 0 and topology.rank != 0 and writer == topology.replica_index:
             ckpt.write_latest(directory, tag)  # DeepSpeed writes 'latest' on global rank 0 only
         if topology.rank == 0:
-            ckpt.write_manifest(save_dir, tag, state, step=self.global_steps, model=ckpt.model_layout(self.module))
+            ckpt.write_manifest(save_dir, tag, state, step=self.global_steps, model=ckpt.model_layout(self.module),
+                                layout=layout)
             if save_latest:
                 ckpt.write_latest(os.fspath(save_dir), tag)
         dist.barrier()
@@ -217,7 +173,10 @@ class _QSREngineMixin:
 
     def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
                         load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
-        """Load a checkpoint written by save_checkpoint with the same R and S; returns (path, client_state)."""
+        """Load a checkpoint written by save_checkpoint with the same R and S; returns (path, client_state).
+
+        A one-replica checkpoint (see save_checkpoint) is read by every replica from replica0/.
+        """
         topology, hook = self.qsr.topology, self.qsr
         error = manifest = None
         try:
@@ -236,7 +195,7 @@ class _QSREngineMixin:
         ckpt.agree(error)
         if tag is None:
             return None, None
-        directory = ckpt.replica_dir(load_dir, topology.replica_index)
+        directory = ckpt.replica_dir(load_dir, ckpt.source_replica(ckpt.manifest_layout(manifest), topology.replica_index))
         try:
             path, client_state = super().load_checkpoint(
                 directory, tag, load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
@@ -357,7 +316,11 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         if dist.get_rank() == 0:
             print("[qsr-ds] the mpu passed in has no model parallelism; DeepSpeed gets the replica mpu instead "
                   f"(data parallel = the {qsr.ranks_per_replica} ranks of a replica)", flush=True)
-    topology = Topology.create(qsr.ranks_per_replica, timeout_s=qsr.timeout_s)
+    from . import ds_data, ds_zero_init
+
+    # the topology qsr_ds.zero_init built the model's ZeRO-3 partitions over, if any; then refuse others
+    topology = ds_zero_init.shared_topology(qsr.ranks_per_replica, timeout_s=qsr.timeout_s)
+    ds_zero_init.check_partitions(model, topology, source)
     engine, ds_optimizer, loader, scheduler = deepspeed.initialize(mpu=ReplicaMPU(topology), **kwargs)
     if engine.dp_world_size != qsr.ranks_per_replica:
         raise RuntimeError(
@@ -365,6 +328,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
             f"{qsr.ranks_per_replica}: this DeepSpeed version ignores the mpu's data-parallel group"
         )
     kind = ds_state.check_supported(engine)
+    loader = ds_data.shard_over_world(engine, training_data, source)  # every rank of every replica its own samples
     engine.__class__ = _qsr_engine_class(type(engine))
     engine.qsr = QSRHook(engine, qsr, topology)
     if topology.rank == 0:

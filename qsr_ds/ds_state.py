@@ -26,38 +26,18 @@ The DeepSpeed internals used here are listed at the top of qsr_ds/deepspeed.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .averager import flatten_into_buffer
-from .local import STATE_FIELDS
-
+from .averager import flatten_into_buffer, module_signature
+from .core import SyncPlan
+from .selection import optimizer_state_tensors
 
 
 class UnsupportedEngineError(NotImplementedError):
     """An engine set-up whose state qsr-ds does not know how to average."""
-
-
-@dataclass
-class SyncPlan:
-    """The tensors one rank averages at a boundary and what to do afterwards."""
-
-    kind: str
-    tensors: list[tuple[str, Tensor]]
-    copies: dict[str, Tensor] = field(default_factory=dict)
-    refresh: Callable[[], None] = lambda: None
-    """Rebuild the low-precision / gathered model copy from the averaged fp32 tensors."""
-    flat_numel: int = 0
-    """Smallest flat fp32 shard (params, optimizer state) when the stage keeps them flat, else 0:
-    every tensor at least this large is all-reduced in place."""
-
-    @property
-    def key(self) -> list[tuple]:
-        """Identity of the tensors (a new optimizer state after a load changes it)."""
-        return [(n, t.data_ptr(), tuple(t.shape), t.dtype) for n, t in self.tensors]
 
 
 def _ds_classes():
@@ -95,14 +75,29 @@ def prepare(engine) -> None:
         engine._qsr_flat_params = flatten_into_buffer(params)
 
 
-def _state(inner: torch.optim.Optimizer, tensor: Tensor, name: str, average) -> list[tuple[str, Tensor]]:
-    out = []
-    state = inner.state.get(tensor, {})
-    for key in sorted(average):
-        field_name = STATE_FIELDS.get(key)
-        if field_name and isinstance(state.get(field_name), Tensor):
-            out.append((f"{name}:{field_name}", state[field_name]))
-    return out
+def _zero3_real_elements(opt, index: int, shard: Tensor) -> list[Tensor]:
+    """Views of the real elements of ZeRO-3 sub-group ``index``'s flat fp32 shard.
+
+    The shard is the concatenation of each parameter's partition (``ds_tensor``, the same size
+    on every rank); the last rank's partition of a parameter whose size S does not divide is
+    padded with uninitialised memory, which must never refuse a round. Adjacent real ranges merge.
+    """
+    import torch.distributed as dist
+
+    views, offset, run_start, run_end = [], 0, 0, 0
+    for param in opt.fp16_groups[index]:
+        part = param.ds_tensor.ds_numel
+        rank = dist.get_rank(group=param.ds_process_group)
+        real = max(0, min(param.ds_numel - rank * part, part))
+        if offset != run_end:  # a gap (padding) before this parameter
+            if run_end > run_start:
+                views.append(shard.narrow(0, run_start, run_end - run_start))
+            run_start = offset
+        run_end = offset + real
+        offset += part
+    if run_end > run_start:
+        views.append(shard.narrow(0, run_start, run_end - run_start))
+    return views
 
 
 def plan(engine, average, topology=None, *, check_only: bool = False) -> SyncPlan:
@@ -126,9 +121,11 @@ def plan(engine, average, topology=None, *, check_only: bool = False) -> SyncPla
         if copy is not None:
             copies[name] = copy
 
+    sub_group_of: dict[int, int] = {}  # ZeRO-3: index in tensors -> the sub-group it is partitioned like
     if isinstance(opt, ZeroOptimizerStage3):
         kind = "zero3"
         for i, shard in enumerate(opt.fp32_partitioned_groups_flat):
+            sub_group_of[len(tensors)] = i
             add(f"zero3.sub{i}.fp32", shard)
 
         def refresh() -> None:
@@ -180,15 +177,24 @@ def plan(engine, average, topology=None, *, check_only: bool = False) -> SyncPla
         return SyncPlan(kind, [])
     flat_numel = min((t.numel() for _, t in tensors), default=0) if flat else 0
     if average - {"params", "buffers"}:
-        for name, t in state_keys or list(tensors):
-            tensors.extend(_state(inner, t, name, average))
+        for index, (name, t) in enumerate(state_keys or list(tensors)):
+            for state_entry in optimizer_state_tensors(inner, t, name, average):
+                if index in sub_group_of:  # optimizer state is partitioned (and padded) like its fp32 shard
+                    sub_group_of[len(tensors)] = sub_group_of[index]
+                tensors.append(state_entry)
     if "buffers" in average:
         tensors.extend(
             (f"buffer:{n}", b) for n, b in engine.module.named_buffers() if b is not None and b.is_floating_point()
         )
+    scan = None
+    if sub_group_of:
+        scan = [(j, view) for j, (_, t) in enumerate(tensors)
+                for view in (_zero3_real_elements(opt, sub_group_of[j], t) if j in sub_group_of else [t])]
+    # ZeRO's flat shards hide the parameters: other model code of the same size would pass
+    result = SyncPlan(kind, tensors, copies, refresh, flat_numel, signature=module_signature(engine.module), scan=scan)
     if stage == 0 and topology is not None and topology.ranks_per_replica > 1:
-        return _share_zero0(SyncPlan(kind, tensors, copies, refresh, flat_numel), topology)
-    return SyncPlan(kind, tensors, copies, refresh, flat_numel)
+        return _share_zero0(result, topology)
+    return result
 
 
 def _share_zero0(full: SyncPlan, topology) -> SyncPlan:
@@ -230,7 +236,7 @@ def _share_zero0(full: SyncPlan, topology) -> SyncPlan:
         full.refresh()
 
     copies = {n: full.copies[n] for n, _ in mine if n in full.copies}
-    return SyncPlan(full.kind, mine, copies, refresh, min(chunks) if chunks else 0)
+    return SyncPlan(full.kind, mine, copies, refresh, min(chunks) if chunks else 0, signature=full.signature)
 
 
 def full_fp32_params(engine) -> list[tuple[str, Tensor]]:

@@ -37,20 +37,21 @@ calls it, can never be missed by the step count.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from . import checkpoint
-from .averager import AveragerTotals, ReplicaAverager, RoundStats
 from .config import AVERAGE_CHOICES, QSRConfig
-from .local import averaged_tensors
-from .schedule import SyncSchedule, SyncTracker
+from .core import SyncCore, SyncPlan, SyncSettings
+from .schedule import SyncSchedule
+from .selection import averaged_tensors
 from .topology import Topology, TopologyError, check_divides
 
 MESH_DIMS = ("replicate", "shard")
@@ -60,11 +61,18 @@ class FSDPSetupError(ValueError):
     """A model, mesh or optimizer that QSR on FSDP2 cannot work with; the message says why."""
 
 
-def init_mesh(ranks_per_replica: int, *, device_type: str | None = None) -> DeviceMesh:
+_MESH_TOPOLOGIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Mesh built by init_mesh -> the Topology whose process groups (with the QSR timeout) it uses."""
+
+
+def init_mesh(ranks_per_replica: int, *, device_type: str | None = None, timeout_s: float | None = 600.0) -> DeviceMesh:
     """The 2-D ("replicate", "shard") mesh of R x S ranks, R = world_size / S.
 
     Replica r is ranks [r*S, (r+1)*S) (the same layout as Topology.create). Every rank
     must call it. ``device_type`` defaults to "cuda" when CUDA is available, else "cpu".
+    The mesh is built on Topology.create's groups, so FSDP's collectives inside a replica and
+    QSR's rounds share them and their ``timeout_s`` (a dead rank fails them instead of
+    hanging; under NCCL the watchdog ends the job, see docs/reliability.md).
     """
     if not dist.is_available() or not dist.is_initialized():
         raise TopologyError("torch.distributed is not initialized: call dist.init_process_group (or use torchrun) first")
@@ -72,7 +80,12 @@ def init_mesh(ranks_per_replica: int, *, device_type: str | None = None) -> Devi
     check_divides(world, ranks_per_replica)
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    return init_device_mesh(device_type, (world // ranks_per_replica, ranks_per_replica), mesh_dim_names=MESH_DIMS)
+    topology = Topology.create(ranks_per_replica, timeout_s=timeout_s)
+    layout = torch.arange(world).view(world // ranks_per_replica, ranks_per_replica)
+    mesh = DeviceMesh.from_group([topology.replica_group, topology.shard_group], device_type, mesh=layout,
+                                 mesh_dim_names=MESH_DIMS)
+    _MESH_TOPOLOGIES[mesh] = topology
+    return mesh
 
 
 def check_mesh(mesh: DeviceMesh) -> tuple[int, int]:
@@ -98,16 +111,12 @@ def check_mesh(mesh: DeviceMesh) -> tuple[int, int]:
     return num_replicas, per_replica
 
 
-def topology_of(mesh: DeviceMesh) -> Topology:
-    """The QSR Topology whose groups are the mesh's: shard = mesh["shard"], replica = mesh["replicate"]."""
+def topology_of(mesh: DeviceMesh, *, timeout_s: float | None = 600.0) -> Topology:
+    """The QSR Topology of a mesh: init_mesh's own; for a mesh built otherwise (whose groups may
+    have no timeout), new replica and shard groups of the same layout with ``timeout_s``."""
     _, per_replica = check_mesh(mesh)
-    return Topology(
-        world_size=dist.get_world_size(),
-        rank=dist.get_rank(),
-        ranks_per_replica=per_replica,
-        shard_group=mesh.get_group("shard"),
-        replica_group=mesh.get_group("replicate"),
-    )
+    known = _MESH_TOPOLOGIES.get(mesh)
+    return known if known is not None else Topology.create(per_replica, timeout_s=timeout_s)
 
 
 def default_blocks(model: nn.Module) -> list[nn.Module]:
@@ -166,7 +175,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def local_tensors(model: nn.Module, optimizer: torch.optim.Optimizer, average: Iterable[str]) -> list[tuple[str, torch.Tensor]]:
+def local_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None, average: Iterable[str]) -> list[tuple[str, torch.Tensor]]:
     """What a boundary averages on this rank: local shards, named, in a replica-independent order."""
     with torch.no_grad():
         return averaged_tensors(model, optimizer, average, local=_local)
@@ -191,13 +200,14 @@ def check_sharded(model: nn.Module, mesh: DeviceMesh) -> None:
             )
 
 
-class FSDPQSR:
+class FSDPQSR(SyncCore):
     """Counts the optimizer's steps (a post-step hook) and averages replicas at QSR boundaries.
 
-    ``qsr`` is a QSRConfig (its average / bucket_mb / kernel / check_finite are used and
-    its ranks_per_replica must equal the mesh's S) or a bare SyncSchedule. See the module
-    docstring for how the LR of the next step is read. Use as a context manager, or call
-    ``close()``, to remove the hook.
+    ``qsr`` is a QSRConfig (its average / bucket_mb / kernel / check_finite / timeout_s are
+    used and its ranks_per_replica must equal the mesh's S) or a bare SyncSchedule. See the
+    module docstring for how the LR of the next step is read. At construction every replica
+    takes replica 0's local shards and buffers (as DDP starts from rank 0). Use as a context
+    manager, or call ``close()``, to remove the hook.
     """
 
     def __init__(
@@ -228,37 +238,49 @@ class FSDPQSR:
         def pick(value, key, default):
             return value if value is not None else getattr(config, key) if config is not None else default
 
-        self.average = tuple(dict.fromkeys(("params", *pick(average, "average", ("params",)))))
-        unknown = set(self.average) - set(AVERAGE_CHOICES)
+        averaged = tuple(dict.fromkeys(("params", *pick(average, "average", ("params",)))))
+        unknown = set(averaged) - set(AVERAGE_CHOICES)
         if unknown:
             raise FSDPSetupError(f"average: unknown entries {sorted(unknown)}; expected some of {AVERAGE_CHOICES}")
         self.model, self.optimizer, self.mesh, self.lr_scheduler = model, optimizer, mesh, lr_scheduler
-        self.topology = topology_of(mesh)
-        self._averager_args = dict(
-            topology=self.topology,
-            bucket_mb=pick(bucket_mb, "bucket_mb", 64.0),
-            kernel=pick(kernel, "kernel", "auto"),
-            check_finite=pick(check_finite, "check_finite", True),
-        )
-        self.tracker = SyncTracker(schedule, self.current_lr())
-        self.averager: ReplicaAverager | None = None
-        self._averaged_ids: list | None = None
-        self.totals = AveragerTotals()
-        self.last_round: RoundStats | None = None
+        settings = SyncSettings(average=averaged, bucket_mb=pick(bucket_mb, "bucket_mb", 64.0),
+                                kernel=pick(kernel, "kernel", "auto"), check_finite=pick(check_finite, "check_finite", True))
+        super().__init__(schedule=schedule, topology=topology_of(mesh, timeout_s=pick(None, "timeout_s", 600.0)),
+                         settings=settings)
+        self.start_from_replica0()
         self._paused = False
         self._sched_epoch = self._scheduler_epoch()
         self._hook = optimizer.register_step_post_hook(self._after_step)
 
-    # -- the hook ---------------------------------------------------------------------------
+    @property
+    def average(self) -> tuple[str, ...]:
+        return self.settings.average
+
+    # -- the adapter ------------------------------------------------------------------------
+    def sync_plan(self) -> SyncPlan:
+        return SyncPlan("fsdp2", local_tensors(self.model, self.optimizer, self.settings.average))
+
+    def broadcast_plan(self) -> SyncPlan:
+        return SyncPlan("fsdp2", local_tensors(self.model, None, ("params", "buffers")))
+
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    # -- the hook ---------------------------------------------------------------------------
     def _scheduler_epoch(self):
         return getattr(self.lr_scheduler, "last_epoch", None)
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         if self._paused:
             return
+        self.count_step()
+
+    def count_step(self) -> None:
+        """One optimizer step done: step the scheduler QSR owns, then count it (a round may run).
+
+        The post-step hook calls it; call it yourself for a step the loop skipped (a GradScaler
+        that found inf/NaN gradients calls no optimizer.step()): every replica must count the same steps.
+        """
         if self.lr_scheduler is not None:
             if self._scheduler_epoch() != self._sched_epoch:
                 raise RuntimeError(
@@ -267,9 +289,7 @@ class FSDPQSR:
                 )
             self.lr_scheduler.step()
             self._sched_epoch = self._scheduler_epoch()
-        self.last_round = None
-        if self.tracker.on_step(self.current_lr()):
-            self.last_round = self.sync()
+        self.after_steps(1)
 
     @contextlib.contextmanager
     def paused(self):
@@ -289,41 +309,20 @@ class FSDPQSR:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- the round --------------------------------------------------------------------------
-    def sync(self) -> RoundStats:
-        """Average every replica's local shards now (all ranks must call it)."""
-        named = local_tensors(self.model, self.optimizer, self.average)
-        ids = [(n, t.data_ptr(), tuple(t.shape), t.dtype) for n, t in named]
-        if self.averager is None or ids != self._averaged_ids:
-            # built lazily and rebuilt if FSDP re-allocated a shard or optimizer state appeared
-            self.averager = ReplicaAverager(named, **self._averager_args)
-            self.averager.totals = self.totals
-            self._averaged_ids = ids
-        return self.averager.average(step=self.tracker.completed_steps)
-
-    @property
-    def rounds(self) -> int:
-        return self.tracker.rounds_done
-
-    @property
-    def num_replicas(self) -> int:
-        return self.topology.num_replicas
-
     # -- QSR state (model and optimizer go through DCP, see qsr_ds.fsdp_checkpoint) ---------
     def state_dict(self) -> dict:
         """Plain values: qsr_ds.checkpoint's QSR state (format, R, S, tracker, totals) plus ``average``."""
-        return dict(checkpoint.state_dict(self.tracker, self.totals, self.topology), average=list(self.average))
+        return dict(self.qsr_state_dict(), average=list(self.settings.average))
 
     def check_compatible(self, state: dict, source: str = "checkpoint") -> None:
         """Raise QSRCheckpointError if ``state`` was written on another mesh shape or averaging set."""
         checkpoint.check_layout(state, self.topology, f"{source} (mesh replicate x shard)")
-        if list(state.get("average", [])) != list(self.average):
+        if list(state.get("average", [])) != list(self.settings.average):
             raise checkpoint.QSRCheckpointError(
-                f"{source}: checkpoint averaged {state.get('average')}, this run averages {list(self.average)}"
+                f"{source}: checkpoint averaged {state.get('average')}, this run averages {list(self.settings.average)}"
             )
 
     def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
         self.check_compatible(state, source)
-        checkpoint.check_schedule(self.tracker, state, source)
-        self.totals.load_state_dict(state.get("totals") or {})
+        self.load_qsr_state_dict(state, source)
         self._sched_epoch = self._scheduler_epoch()

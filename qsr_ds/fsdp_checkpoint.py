@@ -11,7 +11,7 @@ What is written, keyed so that DCP keeps everything it must:
 - ``qsr``: the QSR state as JSON (round tracker, totals, mesh shape, what is averaged);
   every rank must agree on the tracker, which is checked before anything is written.
 - ``lr_scheduler``: the state of the scheduler QSR steps, when it has one.
-- ``replica{r}.extra``: an optional dict of the caller's (data position, RNG seeds, ...).
+- ``extra.rank{k}``: an optional dict of the caller's per rank (data position, RNG seeds, ...).
 
 Loading reads the ``qsr`` entry first, so a checkpoint from a mesh of another shape fails
 with a message that says so before any tensor is touched.
@@ -36,6 +36,11 @@ def _replica_key(qsr: FSDPQSR) -> str:
     return f"replica{qsr.topology.replica_index}"
 
 
+def _extra_key() -> str:
+    # per rank: DCP keeps one copy of equal non-tensor keys, so a per-replica key would keep one rank's
+    return f"extra.rank{dist.get_rank()}"
+
+
 def _check_agreement(qsr: FSDPQSR) -> dict:
     state = qsr.state_dict()
     trackers: list = [None] * dist.get_world_size()
@@ -54,10 +59,9 @@ def save(path: str | os.PathLike, qsr: FSDPQSR, *, extra: dict | None = None) ->
     state = _check_agreement(qsr)
     with qsr.paused():
         model_sd, optim_sd = get_state_dict(qsr.model, qsr.optimizer)
-    replica = {"model": model_sd, "optim": optim_sd}
+    to_save = {_replica_key(qsr): {"model": model_sd, "optim": optim_sd}, "qsr": json.dumps(state, sort_keys=True)}
     if extra is not None:
-        replica["extra"] = dict(extra)
-    to_save = {_replica_key(qsr): replica, "qsr": json.dumps(state, sort_keys=True)}
+        to_save[_extra_key()] = dict(extra)
     if qsr.lr_scheduler is not None:
         to_save["lr_scheduler"] = qsr.lr_scheduler.state_dict()
     dcp.save(to_save, checkpoint_id=os.fspath(path))
@@ -90,11 +94,10 @@ def load(path: str | os.PathLike, qsr: FSDPQSR, *, extra: dict | None = None) ->
     qsr.check_compatible(state, path)
     with qsr.paused():  # get_state_dict may run a zero-lr step to create optimizer state
         model_sd, optim_sd = get_state_dict(qsr.model, qsr.optimizer)
-    replica = {"model": model_sd, "optim": optim_sd}
-    if extra is not None:
-        replica["extra"] = extra
     key = _replica_key(qsr)
-    to_load = {key: replica}
+    to_load = {key: {"model": model_sd, "optim": optim_sd}}
+    if extra is not None:
+        to_load[_extra_key()] = extra
     if qsr.lr_scheduler is not None:
         to_load["lr_scheduler"] = qsr.lr_scheduler.state_dict()
     try:
@@ -105,7 +108,7 @@ def load(path: str | os.PathLike, qsr: FSDPQSR, *, extra: dict | None = None) ->
     if qsr.lr_scheduler is not None:
         qsr.lr_scheduler.load_state_dict(to_load["lr_scheduler"])
     qsr.load_state_dict(state, path)
-    return to_load[key].get("extra")
+    return to_load.get(_extra_key())
 
 
 __all__ = ["CheckpointError", "QSRCheckpointError", "load", "read_qsr_state", "save"]

@@ -8,50 +8,30 @@
 
 With S = 1 the model is used as is (no gradient all-reduce at all); with S > 1 wrap the
 model in DDP over ``topology.shard_group`` so gradients are reduced inside the replica.
+Replicas start from replica 0's parameters and floating-point buffers. fp32 parameters on
+one device are re-pointed once into one flat buffer (``flatten_params``), which every round
+then all-reduces in place: no packing.
+
+Mixed precision with a loss scaler: pass ``grad_scaler=`` and call ``local.step()`` instead
+of ``scaler.step(optimizer)``; a step the scaler skips (inf/NaN gradients) still counts, and
+the learning rate scheduler steps as it would after ``scaler.step``. Call ``scaler.update()``
+after ``local.step()`` as usual.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from torch import nn
 
-from .averager import ReplicaAverager, RoundStats, flatten_into_buffer
-from .schedule import SyncSchedule, SyncTracker
+from .averager import flatten_into_buffer, module_signature
+from .core import SyncCore, SyncPlan, SyncSettings
+from .schedule import SyncSchedule
+from .selection import averaged_tensors
 from .topology import Topology
 
-STATE_FIELDS = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", "momentum": "momentum_buffer"}
 
-
-def averaged_tensors(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    average: Iterable[str],
-    local: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-) -> list[tuple[str, torch.Tensor]]:
-    """What a boundary averages, named, in a replica-independent order.
-
-    Parameters always (also those whose grad is None); floating-point buffers when
-    "buffers" is asked (integer buffers such as num_batches_tracked stay local: every
-    replica counts the same batches); optimizer state fields by name.
-    """
-    average = set(average)
-    named = [(f"param:{n}", local(p)) for n, p in model.named_parameters()]
-    if "buffers" in average:
-        named += [(f"buffer:{n}", local(b)) for n, b in model.named_buffers() if b.is_floating_point()]
-    fields = [STATE_FIELDS[a] for a in sorted(average) if a in STATE_FIELDS]
-    if fields and optimizer is not None:
-        names = {p: n for n, p in model.named_parameters()}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                state = optimizer.state.get(p, {})
-                for key in fields:
-                    if isinstance(state.get(key), torch.Tensor):
-                        named.append((f"state:{names.get(p, id(p))}:{key}", local(state[key])))
-    return named
-
-
-class LocalOptimizer:
+class LocalOptimizer(SyncCore):
     """An optimizer wrapper that counts steps and averages replicas at QSR boundaries."""
 
     def __init__(
@@ -62,6 +42,7 @@ class LocalOptimizer:
         schedule: SyncSchedule,
         topology: Topology,
         lr_scheduler=None,
+        grad_scaler: torch.amp.GradScaler | None = None,
         average: Iterable[str] = ("params",),
         bucket_mb: float = 64.0,
         kernel: str = "auto",
@@ -70,69 +51,79 @@ class LocalOptimizer:
     ) -> None:
         self.optimizer = optimizer
         self.model = model
-        self.topology = topology
         self.lr_scheduler = lr_scheduler
-        self.average = tuple(average)
-        self._averager_args = dict(topology=topology, bucket_mb=bucket_mb, kernel=kernel, check_finite=check_finite)
-        self.tracker = SyncTracker(schedule, self.current_lr())
+        self.grad_scaler = grad_scaler
         params = list(model.parameters())
-        devices = {p.device for p in params}
-        self.flat_params = None
-        if flatten_params and params and len(devices) == 1 and all(p.dtype == torch.float32 for p in params):
+        self.flat_params: torch.Tensor | None = None
+        """One fp32 buffer all parameters are views of (None when they are not all fp32 on one device)."""
+        if flatten_params and params and len({p.device for p in params}) == 1 and all(
+            p.dtype == torch.float32 for p in params
+        ):
             self.flat_params = flatten_into_buffer(params)
-        # optimizer state appears after the first step, so the averager is built lazily
-        self.averager: ReplicaAverager | None = None
-        self.last_round: RoundStats | None = None
+        settings = SyncSettings(average=tuple(average), bucket_mb=bucket_mb, kernel=kernel, check_finite=check_finite)
+        super().__init__(schedule=schedule, topology=topology, settings=settings)
+        self.start_from_replica0()
 
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
+    # -- the adapter ------------------------------------------------------------------------
+    def sync_plan(self) -> SyncPlan:
+        return self._plan(self.optimizer, self.settings.average)
+
+    def broadcast_plan(self) -> SyncPlan:
+        return self._plan(None, ("params", "buffers"))
+
+    def _plan(self, optimizer, average) -> SyncPlan:
+        named = averaged_tensors(self.model, optimizer, average)
+        if not self._params_are_flat():
+            return SyncPlan("local", named)
+        rest = [(n, t) for n, t in named if not n.startswith("param:")]
+        return SyncPlan("local.flat", [("params.flat", self.flat_params), *rest], flat_numel=self.flat_params.numel(),
+                        signature=module_signature(self.model))
+
+    def _params_are_flat(self) -> bool:
+        """The parameters are still views of flat_params (a user may have re-pointed p.data since)."""
+        flat = self.flat_params
+        if flat is None:
+            return False
+        start, end = flat.data_ptr(), flat.data_ptr() + flat.numel() * flat.element_size()
+        return all(start <= p.data_ptr() < end for p in self.model.parameters())
 
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+    # -- the optimizer interface --------------------------------------------------------------
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def step(self, closure=None):
-        """One optimizer step; returns the closure's loss. Averages when it closes a round."""
-        loss = self.optimizer.step(closure)
+        """One optimizer step (through the grad scaler if given); averages when it closes a round."""
+        if self.grad_scaler is not None:
+            if closure is not None:
+                raise ValueError("LocalOptimizer.step: a closure cannot be combined with grad_scaler")
+            loss = self.grad_scaler.step(self.optimizer)
+        else:
+            loss = self.optimizer.step(closure)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
-        self.last_round = None
-        if self.tracker.on_step(self.current_lr()):
-            self.last_round = self.sync()
+        self.after_steps(1)
         return loss
 
-    def sync(self) -> RoundStats:
-        if self.averager is None:
-            self.averager = ReplicaAverager(averaged_tensors(self.model, self.optimizer, self.average), **self._averager_args)
-        return self.averager.average(step=self.tracker.completed_steps)
-
-    @property
-    def rounds(self) -> int:
-        return self.tracker.rounds_done
-
-    def qsr_state_dict(self) -> dict:
-        return {
-            "tracker": self.tracker.state_dict(),
-            "totals": self.averager.totals.state_dict() if self.averager else None,
-            "num_replicas": self.topology.num_replicas,
-            "ranks_per_replica": self.topology.ranks_per_replica,
-        }
-
+    # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "qsr": self.qsr_state_dict()}
+        state = {"optimizer": self.optimizer.state_dict(), "qsr": self.qsr_state_dict()}
+        if self.lr_scheduler is not None:
+            state["lr_scheduler"] = self.lr_scheduler.state_dict()
+        if self.grad_scaler is not None:
+            state["grad_scaler"] = self.grad_scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        qsr = state["qsr"]
-        for key in ("num_replicas", "ranks_per_replica"):
-            if qsr[key] != getattr(self.topology, key):
-                raise ValueError(
-                    f"checkpoint was written with {key}={qsr[key]}, this run has {getattr(self.topology, key)}"
-                )
-        self.tracker.load_state_dict(qsr["tracker"])
+        """Checks R, S and the schedule first (QSRCheckpointError); nothing is loaded on a mismatch."""
+        self.load_qsr_state_dict(state["qsr"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if qsr["totals"] is not None:
-            self.averager = ReplicaAverager(averaged_tensors(self.model, self.optimizer, self.average), **self._averager_args)
-            self.averager.totals.load_state_dict(qsr["totals"])
+        for key, owner in (("lr_scheduler", self.lr_scheduler), ("grad_scaler", self.grad_scaler)):
+            if owner is not None and key in state:
+                owner.load_state_dict(state[key])

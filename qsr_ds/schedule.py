@@ -34,7 +34,7 @@ class SyncSchedule:
 
     rule: str = "qsr"
     """qsr | linear | cubic | constant | post_local."""
-    h_base: int = 1
+    h_base: int = 4
     """The smallest H; the constant rule's H; post-local's H after the switch."""
     alpha: float = 0.0
     """Growth coefficient in H = (alpha / lr) ** gamma; 0 means constant H."""

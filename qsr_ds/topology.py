@@ -31,7 +31,8 @@ class Topology:
     replica_group: dist.ProcessGroup | None
     """Rank k of every replica (averaged here at QSR boundaries only)."""
     world_group: dist.ProcessGroup | None = None
-    """All ranks, with the QSR timeout, for the pre-round check; None uses the default group."""
+    """All ranks, with the QSR timeout; used only on the pre-check's error path (to name the culprit)
+    and by checkpoint agreement. None uses the default group."""
 
     @property
     def num_replicas(self) -> int:
@@ -47,10 +48,12 @@ class Topology:
 
     @property
     def shard_ranks(self) -> list[int]:
-        return replica_ranks(self.replica_index, self.ranks_per_replica)
+        """Global ranks of this rank's replica (its shard group)."""
+        return ranks_of_replica(self.replica_index, self.ranks_per_replica)
 
     @property
-    def replica_ranks(self) -> list[int]:
+    def replica_group_ranks(self) -> list[int]:
+        """Global ranks of this rank's replica group: shard rank k of every replica."""
         return list(range(self.shard_rank, self.world_size, self.ranks_per_replica))
 
     def describe(self) -> str:
@@ -76,7 +79,7 @@ class Topology:
         world_group = dist.new_group(list(range(world_size)), timeout=timeout, backend=backend)
         shard_group = replica_group = None
         for r in range(num_replicas):
-            group = dist.new_group(replica_ranks(r, ranks_per_replica), timeout=timeout, backend=backend)
+            group = dist.new_group(ranks_of_replica(r, ranks_per_replica), timeout=timeout, backend=backend)
             if r == rank // ranks_per_replica:
                 shard_group = group
         for k in range(ranks_per_replica):
@@ -93,7 +96,7 @@ class Topology:
         )
 
 
-def replica_ranks(replica_index: int, ranks_per_replica: int) -> list[int]:
+def ranks_of_replica(replica_index: int, ranks_per_replica: int) -> list[int]:
     """Global ranks of one replica."""
     start = replica_index * ranks_per_replica
     return list(range(start, start + ranks_per_replica))

@@ -140,7 +140,7 @@ def _topology_errors(rank, world):
     topo = Topology.create(3)
     assert (topo.num_replicas, topo.replica_index, topo.shard_rank) == (1, 0, rank)
     topo = Topology.create(1)
-    assert (topo.num_replicas, topo.replica_index, topo.replica_ranks) == (3, rank, [0, 1, 2])
+    assert (topo.num_replicas, topo.replica_index, topo.replica_group_ranks) == (3, rank, [0, 1, 2])
     return dist.get_world_size(topo.replica_group), dist.get_world_size(topo.shard_group)
 
 

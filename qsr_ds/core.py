@@ -1,0 +1,189 @@
+"""The sync core: what every engine does the same way around its QSR rounds.
+
+An engine adapter (DeepSpeed, FSDP2, plain PyTorch) subclasses SyncCore and says only
+  sync_plan()        which tensors this rank averages, which low-precision copies to refresh
+                     in the same pass, and how to refresh the engine afterwards (a SyncPlan);
+  broadcast_plan()   what replica 0 hands the others at start-up (default: sync_plan());
+  current_lr()       the learning rate the next optimizer step will use;
+and calls after_steps(n) after every n completed optimizer steps (a step the engine skipped
+for NaN/Inf gradients counts: replicas must agree on when to communicate).
+
+The core owns the rest: the schedule tracker; the learning rate that decides the next H,
+agreed across replicas at every round (replica 0's, carried by the round's pre-check, so a
+replica whose scheduler fell behind after a skipped step still picks the same H); the
+averager's life cycle (built at the first round, rebuilt when the tensors' identities change,
+e.g. after a checkpoint load or when optimizer state appears); the round itself; its records;
+the start-up broadcast from replica 0; and the QSR part of a checkpoint. It imports no engine.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import checkpoint
+from .averager import AveragerTotals, ReplicaAverager, RoundStats
+from .schedule import SyncSchedule, SyncTracker
+from .topology import Topology
+
+
+@dataclass
+class SyncPlan:
+    """The tensors one rank averages at a boundary and what to do afterwards."""
+
+    kind: str
+    """What the engine holds, for messages and records (e.g. "zero2", "fsdp2", "local")."""
+    tensors: list[tuple[str, Tensor]]
+    """(name, tensor) in the same order on every replica: this rank's fp32 shard and the state asked for."""
+    copies: dict[str, Tensor] = field(default_factory=dict)
+    """name -> low-precision model copy rewritten from the averaged value in the unpack pass."""
+    refresh: Callable[[], None] = lambda: None
+    """Rebuild the engine's low-precision / gathered model copies from the averaged tensors."""
+    flat_numel: int = 0
+    """Smallest flat fp32 shard when the engine keeps them flat, else 0: every tensor at least this
+    large is all-reduced in place (zero copy)."""
+    signature: list[tuple] = field(default_factory=list)
+    """(name, shape, dtype) entries every replica must agree on too, e.g. the model's parameters when
+    the tensors are flat shards that hide them."""
+    scan: list[tuple[int, Tensor]] | None = None
+    """Views of the real elements to check for NaN/Inf, when tensors hold uninitialised padding."""
+
+    @property
+    def key(self) -> list[tuple]:
+        """Identity of the tensors: a new optimizer state after a load changes it."""
+        return [(n, t.data_ptr(), tuple(t.shape), t.dtype) for n, t in self.tensors]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SyncSettings:
+    """How rounds are run; everything but the schedule and the topology."""
+
+    average: tuple[str, ...] = ("params",)
+    """What replicas average: params, plus buffers, exp_avg, exp_avg_sq, momentum."""
+    bucket_mb: float = 64.0
+    """Size of one communication bucket in MiB of fp32."""
+    kernel: str = "auto"
+    """Pack/unpack back-end: auto | triton | cpp | torch."""
+    check_finite: bool = True
+    """Refuse to average (raise on every rank, nothing written) when a replica holds NaN/Inf."""
+
+
+class SyncCore:
+    """Counts steps, decides rounds and runs them; subclasses say which tensors (see the module doc)."""
+
+    def __init__(self, *, schedule: SyncSchedule, topology: Topology, settings: SyncSettings) -> None:
+        self.topology = topology
+        self.settings = settings
+        self.tracker = SyncTracker(schedule, self.current_lr())
+        self.totals = AveragerTotals()
+        self.averager: ReplicaAverager | None = None
+        self._averaged_key: list | None = None
+        self.last_round: RoundStats | None = None
+        """The round the latest after_steps() ran, else None."""
+
+    # -- what an adapter says -------------------------------------------------------------
+    def sync_plan(self) -> SyncPlan:
+        raise NotImplementedError
+
+    def broadcast_plan(self) -> SyncPlan:
+        return self.sync_plan()
+
+    def current_lr(self) -> float:
+        raise NotImplementedError
+
+    # -- counting steps -------------------------------------------------------------------
+    @property
+    def rounds(self) -> int:
+        return self.tracker.rounds_done
+
+    @property
+    def num_replicas(self) -> int:
+        return self.topology.num_replicas
+
+    def after_steps(self, count: int = 1) -> RoundStats | None:
+        """Count ``count`` completed optimizer steps; runs the round the last of them closes."""
+        self.last_round = None
+        for _ in range(count):
+            tracker = self.tracker
+            if tracker.finished or tracker.completed_steps + 1 < tracker.next_boundary:
+                tracker.on_step(None)  # no round closes (raises past total_steps)
+                continue
+            stats = self.sync(step=tracker.completed_steps + 1, lr=self.current_lr())
+            tracker.on_step(stats.lr)
+            self.last_round = stats
+        return self.last_round
+
+    # -- the round ------------------------------------------------------------------------
+    def _averager_for(self, plan: SyncPlan) -> ReplicaAverager:
+        if self.averager is None or plan.key != self._averaged_key:
+            bucket_mb = self.settings.bucket_mb
+            if plan.flat_numel:  # flat fp32 shards: all-reduce every one of them in place, no packing
+                bucket_mb = min(bucket_mb, 8 * plan.flat_numel / 2**20)
+            self.averager = ReplicaAverager(
+                plan.tensors, topology=self.topology, copies=plan.copies, bucket_mb=bucket_mb,
+                kernel=self.settings.kernel, check_finite=self.settings.check_finite,
+                signature=plan.signature, scan=plan.scan,
+            )
+            self.averager.totals = self.totals
+            self._averaged_key = plan.key
+        return self.averager
+
+    def sync(self, *, step: int | None = None, lr: float | None = None) -> RoundStats:
+        """Average the replicas now (every rank must call it), then refresh the engine.
+
+        ``step``: completed optimizer steps, checked equal on every replica (default: the
+        tracker's). ``lr``: this replica's learning rate for the next H; ``stats.lr`` is replica 0's.
+        """
+        plan = self.sync_plan()
+        averager = self._averager_for(plan)
+        stats = averager.average(step=self.tracker.completed_steps if step is None else step, lr=lr)
+        if self.num_replicas > 1:
+            start = time.perf_counter()
+            plan.refresh()
+            stats.refresh_s = time.perf_counter() - start
+            stats.total_s += stats.refresh_s
+            self.totals.refresh_s += stats.refresh_s
+            self.totals.total_s += stats.refresh_s
+        return stats
+
+    @torch.no_grad()
+    def start_from_replica0(self) -> None:
+        """Every replica starts from replica 0's weights, as DDP starts from rank 0's.
+
+        The engine only broadcasts inside a replica (or not at all), so replicas seeded
+        differently would otherwise start apart. A round's pre-check runs first, so a replica
+        with other model code fails here by name on every rank (instead of a broadcast of
+        mismatched sizes aborting the backend). Not counted as a round; replica 0 is left bit
+        for bit as the engine made it.
+        """
+        if self.num_replicas == 1:
+            return
+        plan = self.broadcast_plan()
+        ReplicaAverager(plan.tensors, topology=self.topology, kernel="torch", check_finite=False,
+                        signature=plan.signature).check(what="start-up broadcast from replica 0")
+        # the low-precision copies too: they are not always the rounded masters (ZeRO 0)
+        for tensor in [t for _, t in plan.tensors] + list(plan.copies.values()):
+            dist.broadcast(tensor, group=self.topology.replica_group, group_src=0)
+        if self.topology.replica_index != 0:
+            plan.refresh()
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def qsr_state_dict(self) -> dict:
+        """Plain values: format, R, S, the tracker and the totals."""
+        return checkpoint.state_dict(self.tracker, self.totals, self.topology)
+
+    def load_qsr_state_dict(self, state: dict, source: str = "checkpoint") -> None:
+        """Check R, S and the schedule against this run (QSRCheckpointError), then restore."""
+        checkpoint.check_layout(state, self.topology, source)
+        checkpoint.check_schedule(self.tracker, state, source)
+        self.totals.load_state_dict(state.get("totals") or {})
+        self.forget_tensors()
+
+    def forget_tensors(self) -> None:
+        """The engine replaced its tensors (a load): the next round builds its averager anew."""
+        self.averager = None
+        self._averaged_key = None
