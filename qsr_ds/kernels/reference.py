@@ -119,7 +119,7 @@ def quantize_int8_blocks(d: Tensor, block: int) -> tuple[Tensor, Tensor]:
     blocks = torch.where(finite[:, None], blocks, 0.0)
     amax = blocks.abs().amax(1)
     scale = amax / INT8_MAX
-    inv = INT8_MAX / amax
+    inv = torch.full_like(amax, INT8_MAX) / amax  # IEEE division: ``127 / amax`` is 127 * (1 / amax)
     tiny = ~torch.isfinite(inv)
     scale = torch.where(tiny, 0.0, scale)
     inv = torch.where(tiny, 0.0, inv)
