@@ -19,6 +19,7 @@ _EXPORTS = {
     "Topology": "topology",
     "TopologyError": "topology",
     "initialize": "deepspeed",
+    "zero_init": "ds_zero_init",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

@@ -8,8 +8,12 @@ An engine checkpoint of R replicas x S ranks is laid out as
                                     {"qsr": state_dict(...)} in its client state)
     save_dir/replica<r>/latest
 
-Replicas get their own directories because between boundaries their parameters (and always
-their optimizer state) differ, while the engine names its files by the rank inside a replica.
+Replicas get their own directories because between boundaries their parameters (and, unless
+averaged, their optimizer state) differ, while the engine names its files by the rank inside a
+replica. That is the "per_replica" layout. Where every replica holds the same state (a save
+right after a boundary with everything the engine saves averaged) one replica's files are the
+whole checkpoint: the "one_replica" layout writes only replica0/ and every replica resumes from
+it. The manifest's "layout" says which was written (absent in older manifests: per_replica).
 The manifest lets every rank check, before the engine reads anything, that the checkpoint
 was written with this run's R and S and that no file is missing or truncated; errors are
 then agreed over all ranks (``agree``) so every rank raises the same message instead of a
@@ -24,6 +28,9 @@ from typing import Any, Mapping
 
 FORMAT = 1
 MANIFEST_SUFFIX = ".qsr.json"
+PER_REPLICA = "per_replica"
+ONE_REPLICA = "one_replica"
+LAYOUTS = (PER_REPLICA, ONE_REPLICA)
 
 
 class QSRCheckpointError(RuntimeError):
@@ -32,6 +39,20 @@ class QSRCheckpointError(RuntimeError):
 
 def replica_dir(save_dir: str | os.PathLike, replica_index: int) -> str:
     return os.path.join(os.fspath(save_dir), f"replica{replica_index}")
+
+
+def written_replicas(layout: str, num_replicas: int) -> list[int]:
+    """The replica directories a save of this layout writes."""
+    return [0] if layout == ONE_REPLICA else list(range(num_replicas))
+
+
+def source_replica(layout: str, replica_index: int) -> int:
+    """Whose files a rank of replica ``replica_index`` writes / reads in this layout."""
+    return 0 if layout == ONE_REPLICA else replica_index
+
+
+def manifest_layout(manifest: Mapping) -> str:
+    return manifest.get("layout", PER_REPLICA)
 
 
 def manifest_path(save_dir: str | os.PathLike, tag: str) -> str:
@@ -84,10 +105,10 @@ def read_latest(save_dir: str | os.PathLike) -> str | None:
     return tag
 
 
-def list_files(save_dir: str | os.PathLike, tag: str, num_replicas: int) -> dict[str, int]:
-    """Relative path -> size of every file of ``tag`` in the replica directories."""
+def list_files(save_dir: str | os.PathLike, tag: str, num_replicas: int, layout: str = PER_REPLICA) -> dict[str, int]:
+    """Relative path -> size of every file of ``tag`` in the replica directories the layout writes."""
     out = {}
-    for r in range(num_replicas):
+    for r in written_replicas(layout, num_replicas):
         root = os.path.join(replica_dir(save_dir, r), tag)
         for dirpath, _, files in os.walk(root):
             for name in files:
@@ -130,8 +151,11 @@ def check_model(manifest: Mapping, module, source: str) -> None:
     )
 
 
-def write_manifest(save_dir: str | os.PathLike, tag: str, state: Mapping, *, step: int, model: list | None = None) -> str:
+def write_manifest(save_dir: str | os.PathLike, tag: str, state: Mapping, *, step: int, model: list | None = None,
+                   layout: str = PER_REPLICA) -> str:
     """Rank 0, after every rank has written its files; ``model``: ``model_layout(module)``, checked at load."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"checkpoint layout {layout!r}: expected one of {LAYOUTS}")
     manifest = {
         "format": FORMAT,
         "tag": tag,
@@ -139,7 +163,8 @@ def write_manifest(save_dir: str | os.PathLike, tag: str, state: Mapping, *, ste
         "num_replicas": state["num_replicas"],
         "ranks_per_replica": state["ranks_per_replica"],
         "tracker": state["tracker"],
-        "files": list_files(save_dir, tag, state["num_replicas"]),
+        "layout": layout,
+        "files": list_files(save_dir, tag, state["num_replicas"], layout),
     }
     if model is not None:
         manifest["model"] = model
@@ -173,16 +198,19 @@ def read_manifest(save_dir: str | os.PathLike, tag: str) -> dict:
         raise QSRCheckpointError(f"{path}: QSR checkpoint format {manifest['format']!r}, this qsr-ds reads {FORMAT}")
     if manifest["tag"] != tag:
         raise QSRCheckpointError(f"{path}: manifest is for tag {manifest['tag']!r}, not {tag!r}")
+    if manifest_layout(manifest) not in LAYOUTS:
+        raise QSRCheckpointError(f"{path}: unknown checkpoint layout {manifest['layout']!r} (expected one of {LAYOUTS})")
     return manifest
 
 
 def check_files(save_dir: str | os.PathLike, manifest: Mapping, replica_index: int) -> None:
-    """Every file this rank's replica wrote is there with the size it had when saved."""
-    prefix = os.path.basename(replica_dir(save_dir, replica_index)) + os.sep
+    """Every file this rank's replica reads (its own, or replica 0's in the one_replica layout) is there, whole."""
+    source = source_replica(manifest_layout(manifest), replica_index)
+    prefix = os.path.basename(replica_dir(save_dir, source)) + os.sep
     mine = {p: n for p, n in manifest["files"].items() if p.startswith(prefix)}
     if not mine:
         raise QSRCheckpointError(
-            f"{manifest_path(save_dir, manifest['tag'])}: lists no files for replica {replica_index}"
+            f"{manifest_path(save_dir, manifest['tag'])}: lists no files for replica {source}"
         )
     for rel, size in mine.items():
         path = os.path.join(os.fspath(save_dir), rel)
