@@ -1,0 +1,272 @@
+"""CompressedAverager on real gloo ranks: R = 2 and 3 replicas, one rank each.
+
+Stated bounds (per element, one round, x̄ = the exact mean of the replicas' tensors):
+    x' - x̄ = mean_r(e_r before) - mean_r(e_r after)      (+ fp32 rounding of the sums)
+with |e| <= 2^-8 |d| for bf16 and |e| <= (0.5 + 2^-15) * scale of its block for int8
+(scale = max |d| of the block / 127). Over many rounds the errors telescope: with error
+feedback the result trails the exact trajectory by mean_r e_r of the last round only;
+without it they add up.
+"""
+import pytest
+import torch
+import torch.distributed as dist
+
+from qsr_ds.testing import run_ranks
+
+pytestmark = pytest.mark.timeout(300)
+
+BF16_REL = 2.0**-8
+INT8_STEP = 0.5 + 2.0**-15
+EPS32 = 2.0**-24
+BLOCK = 64
+
+
+def _start_tensors():
+    """The same start on every replica (as after the start-up broadcast)."""
+    gen = torch.Generator().manual_seed(0)
+    return [
+        ("w", torch.randn(40, 30, generator=gen)),
+        ("b", torch.randn(7, generator=gen)),
+        ("big", torch.randn(5000, generator=gen)),  # chunked with bucket_mb=0.005
+        ("half", torch.randn(300, generator=gen).to(torch.bfloat16)),
+        ("t", torch.randn(9, 11, generator=gen).t()),  # not contiguous
+        ("zero", torch.zeros(130)),  # never moves: zero blocks every round
+    ]
+
+
+def _drift(named, replica: int, round_no: int):
+    gen = torch.Generator().manual_seed(1000 * replica + round_no)
+    for name, t in named:
+        if name != "zero":
+            t.add_((torch.randn(t.shape, generator=gen) * 0.05 * (replica + 1)).to(t.dtype))
+
+
+def _gather(t: torch.Tensor, world: int) -> torch.Tensor:
+    rows = [torch.empty_like(t.contiguous()) for _ in range(world)]
+    dist.all_gather(rows, t.contiguous())
+    return torch.stack(rows)
+
+
+def _block_peaks(d: torch.Tensor, block: int) -> torch.Tensor:
+    """max |d| of each element's block (per-tensor blocks, the last one partial)."""
+    flat = d.reshape(-1)
+    n = flat.numel()
+    pad = torch.zeros(-(-n // block) * block, dtype=flat.dtype)
+    pad[:n] = flat.abs()
+    return pad.view(-1, block).amax(1).repeat_interleave(block)[:n]
+
+
+def _digest(tensors) -> list[int]:
+    return [int(t.float().contiguous().view(torch.int32).long().sum()) for t in tensors]
+
+
+def _run_rounds(topo, mode, kernel, bucket_mb, rounds, world, check_bounds):
+    from qsr_ds.compress import CompressedAverager
+
+    named = [(n, t.clone()) for n, t in _start_tensors()]
+    copies = {"w": torch.zeros(40, 30, dtype=torch.bfloat16), "big": torch.zeros(5000, dtype=torch.float16)}
+    avg = CompressedAverager(named, topology=topo, mode=mode, block=BLOCK, kernel=kernel, bucket_mb=bucket_mb,
+                             copies=copies)
+    history, saved = [], None
+    for k in range(rounds):
+        if k == 2:  # what a checkpoint after round 2 holds
+            saved = ({n: t.clone() for n, t in named},
+                     {key: ({n: v.clone() for n, v in val.items()} if isinstance(val, dict) else val)
+                      for key, val in avg.state_dict().items()})
+        _drift(named, topo.replica_index, k)
+        before = [t.clone() for _, t in named]
+        residual_before = [None if e is None else e.clone() for e in avg.residuals]
+        anchor_before = [a.clone() for a in avg.anchors]
+        stats = avg.average(step=k)
+        if check_bounds:
+            _check_round(avg, named, before, anchor_before, residual_before, world, mode)
+        for (name, t), a in zip(named, avg.anchors):
+            assert torch.equal(t.reshape(-1), a), f"{name}: anchor is not the written value"
+        assert torch.equal(copies["w"], named[0][1].to(torch.bfloat16))
+        assert torch.equal(copies["big"], named[2][1].to(torch.float16))
+        history.append(_digest([t for _, t in named]) + _digest(avg.anchors) + _digest(avg.residuals))
+    return avg, named, history, saved, stats
+
+
+def _check_round(avg, named, before, anchor_before, residual_before, world, mode):
+    for i, (name, t) in enumerate(named):
+        xs = _gather(before[i].float(), world).double()
+        mean = xs.mean(0)
+        e_old = _gather(residual_before[i].view(t.shape), world).double()
+        e_new = _gather(avg.residuals[i].view(t.shape), world).double()
+        d = xs - anchor_before[i].view(t.shape).double() + e_old  # what each replica quantized
+        if mode == "bf16":
+            assert (e_new.abs() <= BF16_REL * d.abs()).all(), f"{name}: a bf16 residual above 2^-8 |d|"
+        else:
+            peaks = torch.stack([_block_peaks(d[r].reshape(-1), BLOCK).view(t.shape) for r in range(world)])
+            assert (e_new.abs() <= INT8_STEP * peaks / 127 * (1 + 2**-20)).all(), f"{name}: int8 residual too large"
+        bound = e_old.abs().mean(0) + e_new.abs().mean(0)
+        slack = 8 * EPS32 * (mean.abs() + d.abs().amax(0))
+        if t.dtype != torch.float32:  # the result is rounded once more to the tensor's dtype
+            slack = slack + torch.finfo(t.dtype).eps * mean.abs()
+        err = (t.double() - mean).abs()
+        assert (err <= bound + slack).all(), f"{name}: {float((err - bound - slack).max())} above the bound"
+
+
+def _rounds_worker(rank, world):
+    from qsr_ds.compress import CompressedAverager
+    from qsr_ds.kernels import cpp
+    from qsr_ds.topology import Topology
+
+    topo = Topology.create(1)
+    fused = "cpp" if cpp.load(torch.device("cpu"))[0] is not None else "torch"
+    out = {"fused": fused}
+    for mode in ("bf16", "int8"):
+        runs = {}
+        for kernel, bucket_mb in (("torch", 64.0), (fused, 0.005)):
+            avg, named, history, saved, stats = _run_rounds(topo, mode, kernel, bucket_mb, 4, world,
+                                                            check_bounds=kernel == "torch")
+            runs[kernel, bucket_mb] = history
+            out[mode, "bytes", bucket_mb] = (stats.bytes, avg.bytes_per_round, avg.link_bytes_per_round,
+                                             [(b.numel, b.blocks, b.row_bytes) for b in avg.wire])
+            out[mode, "peak"] = avg.peak_extra_bytes
+        out[mode, "history"] = runs
+        # resume from the state after round 2: the same rounds 3 and 4, bit for bit
+        values, state = saved
+        named = [(n, values[n]) for n, _ in _start_tensors()]
+        copies = {"w": torch.zeros(40, 30, dtype=torch.bfloat16), "big": torch.zeros(5000, dtype=torch.float16)}
+        resumed = CompressedAverager(named, topology=topo, mode=mode, block=BLOCK, kernel=fused, bucket_mb=0.005,
+                                     copies=copies)
+        resumed.load_state_dict(state)
+        again = []
+        for k in (2, 3):
+            _drift(named, topo.replica_index, k)
+            resumed.average(step=k)
+            again.append(_digest([t for _, t in named]) + _digest(resumed.anchors) + _digest(resumed.residuals))
+        out[mode, "resumed"] = again
+        # exchange on snapshots gives what average gives, and leaves the live tensors alone
+        live = [(n, t.clone()) for n, t in _start_tensors()]
+        twin = [(n, t.clone()) for n, t in _start_tensors()]
+        a = CompressedAverager(live, topology=topo, mode=mode, block=BLOCK, kernel=fused)
+        b = CompressedAverager(twin, topology=topo, mode=mode, block=BLOCK, kernel=fused)
+        _drift(live, topo.replica_index, 0)
+        _drift(twin, topo.replica_index, 0)
+        snapshots = [t.clone() for _, t in twin]
+        outputs = [torch.empty_like(t) for _, t in twin]
+        a.average(step=0)
+        b.exchange(snapshots, outputs)
+        assert all(torch.equal(x, y) for (_, x), y in zip(live, outputs)), "exchange differs from average"
+        assert all(torch.equal(x, y) for (_, x), y in zip(twin, snapshots)), "exchange wrote its sources"
+        assert all(torch.equal(x, y) for x, y in zip(a.anchors, b.anchors))
+    return out
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_compressed_rounds(replicas):
+    results = run_ranks(_rounds_worker, replicas, timeout_s=240)
+    first = results[0]
+    for mode in ("bf16", "int8"):
+        runs = first[mode, "history"]
+        width = 2 * len(_start_tensors())  # tensors and anchors; residuals are each replica's own
+        for res in results[1:]:  # every replica holds the same bits after every round
+            for key, history in runs.items():
+                assert [h[:width] for h in res[mode, "history"][key]] == [h[:width] for h in history]
+        (ref_key, ref), (fused_key, fused) = runs.items()
+        # and the same bits with either back-end and bucket size
+        assert [h[:width] for h in ref] == [h[:width] for h in fused], f"{mode}: {ref_key} vs {fused_key}"
+        for res in results:
+            assert res[mode, "history"][fused_key][2:] == res[mode, "resumed"], f"{mode}: resume differs"
+        # bytes: one row per bucket, 2n (bf16) or n + 4 * blocks (int8), padded to 16
+        numel = sum(t.numel() for _, t in _start_tensors())
+        for bucket_mb in (64.0, 0.005):
+            sent, per_round, link, buckets = first[mode, "bytes", bucket_mb]
+            assert sum(n for n, _, _ in buckets) == numel
+            for n, blocks, row in buckets:
+                payload = 2 * n if mode == "bf16" else n + 4 * blocks
+                assert row == -(-payload // 16) * 16
+            assert sent == per_round == sum(row for _, _, row in buckets)
+            assert link == (replicas - 1) * per_round
+        sent = first[mode, "bytes", 64.0][0]
+        blocks = sum(-(-t.numel() // BLOCK) for _, t in _start_tensors())
+        assert sent == -(-(2 * numel if mode == "bf16" else numel + 4 * blocks) // 16) * 16
+        ratio = sent / (4 * numel)
+        assert (0.5 <= ratio < 0.501) if mode == "bf16" else (0.25 <= ratio < 0.27), ratio
+        # anchors (tensor dtype) + fp32 residuals + two buckets of R rows
+        anchors = sum(t.numel() * t.element_size() for _, t in _start_tensors())
+        assert first[mode, "peak"] >= anchors + 4 * numel
+
+
+def _drift_worker(rank, world, rounds):
+    from qsr_ds.compress import CompressedAverager
+    from qsr_ds.topology import Topology
+
+    topo = Topology.create(1)
+    gen = torch.Generator().manual_seed(7)
+    start = torch.randn(1000, generator=gen) * 0.1
+    # replica r moves by m + (-1)^r u every round: a small mean move m, a large spread u
+    m = torch.randn(1000, generator=gen) * 1e-5
+    u = torch.randn(1000, generator=gen) * 1e-2
+    steps = [m + u, m - u]
+    mean_step = torch.stack([s.double() for s in steps]).mean(0)
+    out = {}
+    for mode in ("bf16", "int8"):
+        for feedback in (True, False):
+            x = start.clone()
+            avg = CompressedAverager([("x", x)], topology=topo, mode=mode, block=BLOCK, error_feedback=feedback)
+            for k in range(rounds):
+                x.add_(steps[topo.replica_index])
+                avg.average(step=k)
+            exact = start.double() + rounds * mean_step
+            err = (x.double() - exact).abs()
+            # fp32 rounding of the local step and of a + mean, every round
+            slack = 3 * rounds * EPS32 * float(exact.abs().max() + 0.1)
+            if feedback:
+                last = _gather(avg.residuals[0], world).double().mean(0)
+                out[mode, feedback] = (float(err.max()), float(last.abs().max()), slack)
+            else:
+                out[mode, feedback] = (float(err.max()), None, slack)
+    return out
+
+
+def test_error_feedback_keeps_1000_rounds_bounded():
+    rounds = 1000
+    results = run_ranks(_drift_worker, 2, rounds, timeout_s=240)
+    for res in results:
+        for mode in ("bf16", "int8"):
+            err_fb, last_residual, slack = res[mode, True]
+            err_plain, _, _ = res[mode, False]
+            # with feedback the error is the last round's mean residual (plus fp32 rounding)
+            assert err_fb <= last_residual + slack, (mode, err_fb, last_residual, slack)
+            # without it, the rounding of every round adds up
+            assert err_plain > 20 * (last_residual + slack), (mode, err_plain, err_fb)
+    assert results[0] == results[1]
+
+
+def _bad_input_worker(rank, world):
+    from qsr_ds.compress import CompressedAverager
+    from qsr_ds.topology import Topology
+
+    topo = Topology.create(1)
+    named = [("x", torch.ones(10))]
+    errors = []
+    for kwargs in ({"mode": "fp8"}, {"block": 0}, {"block": 5000}):
+        try:
+            CompressedAverager(named, topology=topo, **kwargs)
+        except ValueError as err:
+            errors.append(str(err))
+    avg = CompressedAverager(named, topology=topo, mode="int8")
+    state = avg.state_dict()
+    anchors_before = avg.anchors[0].clone()
+    for bad in ({**state, "mode": "bf16"}, {**state, "anchors": {}},
+                {**state, "residuals": {"x": torch.zeros(11)}}):
+        try:
+            avg.load_state_dict(bad)
+        except ValueError as err:
+            errors.append(str(err))
+    assert torch.equal(avg.anchors[0], anchors_before)
+    return errors
+
+
+def test_bad_arguments_and_states_are_refused_by_name():
+    errors = run_ranks(_bad_input_worker, 2)[0]
+    assert errors[0] == "compress mode 'fp8' is not one of bf16, int8"
+    assert "block must be an integer in [1, 4096], got 0" in errors[1]
+    assert "got 5000" in errors[2]
+    assert "has mode='bf16', this averager 'int8'" in errors[3]
+    assert "anchors missing ['x']" in errors[4]
+    assert "residuals['x'] is (11,)" in errors[5]
