@@ -10,6 +10,7 @@ replica sees different data.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from dataclasses import dataclass
@@ -96,7 +97,8 @@ class GPT(nn.Module):
         self.apply(self._init)
         for name, p in self.named_parameters():
             if name.endswith(("proj.weight", "out.weight")):  # GPT-2's scaled residual init
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                with _whole(p):
+                    nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @staticmethod
     def _init(module: nn.Module) -> None:
@@ -116,8 +118,18 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.float().view(-1, VOCAB), targets.reshape(-1))
 
 
+def _whole(p: nn.Parameter):
+    """The full parameter for an in-place init: a ZeRO-3 one built under zero.Init holds only a shard."""
+    if not hasattr(p, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([p], modifier_rank=0)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: weight decay on matrices and embeddings, none on biases and LayerNorm."""
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    dims = {p: len(getattr(p, "ds_shape", p.shape)) for p in model.parameters()}  # ZeRO-3: the full shape
+    decay = [p for n, p in model.named_parameters() if dims[p] >= 2]
+    no_decay = [p for n, p in model.named_parameters() if dims[p] < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default="configs/qsr.json",
                    help="DeepSpeed JSON with a \"qsr\" section (default: configs/qsr.json)")
     p.add_argument("--ranks-per-replica", type=int, help="S; overrides qsr.ranks_per_replica of the JSON")
+    p.add_argument("--zero-init", action="store_true",
+                   help="build the model under qsr_ds.zero_init (ZeRO-3: parameters partitioned as they are created)")
     p.add_argument("--fsdp", action="store_true",
                    help="FSDP2 inside each replica instead of DeepSpeed (same JSON, data and summary; needs torchrun)")
     p.add_argument("--steps", type=int, help="stop after this many optimizer steps (default: qsr.total_steps)")
@@ -60,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.resume and not args.save_dir:
         p.error("--resume needs --save-dir")
+    if args.zero_init and args.fsdp:
+        p.error("--zero-init is for DeepSpeed ZeRO-3, not --fsdp")
     return args
 
 
@@ -236,8 +240,19 @@ def run(args: argparse.Namespace, make_trainer=DeepSpeedTrainer) -> dict | None:
         _quiet(args.verbose)
     torch.manual_seed(args.seed)
     cfg = GPTConfig(seq_len=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model)
-    model = GPT(cfg)
-    n_params = sum(p.numel() for p in model.parameters())
+    if getattr(args, "zero_init", False):
+        import qsr_ds
+
+        config = load_json(args.deepspeed_config)
+        if config.get("zero_optimization", {}).get("stage") != 3:
+            raise SystemExit(f"--zero-init: {args.deepspeed_config} must set zero_optimization.stage 3")
+        if args.ranks_per_replica is not None and "qsr" in config:  # the S DeepSpeedTrainer gives initialize
+            config["qsr"]["ranks_per_replica"] = args.ranks_per_replica
+        with qsr_ds.zero_init(config):
+            model = GPT(cfg)
+    else:
+        model = GPT(cfg)
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     trainer = make_trainer(args, model)
     rank = dist.get_rank()
     steps = args.steps if args.steps is not None else trainer.total_steps
