@@ -17,6 +17,7 @@ after another, the other runs LocalOptimizer and FSDP2 with a GradScaler.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import pytest
@@ -171,7 +172,7 @@ def _amp_loop(model, optimizer, scaler, optimizer_step, topo, skip_at, qsr, full
             "completed": qsr.tracker.completed_steps, "rounds": qsr.rounds, "scale": float(scaler.get_scale())}
 
 
-def _local_case(topo):
+def _local_case(topo, *, scaler_steps_local=False):
     """LocalOptimizer under a GradScaler, as qsr_ds/local.py documents it:
 
         local = LocalOptimizer(optimizer, model, ..., lr_scheduler=sched, grad_scaler=scaler)
@@ -179,6 +180,16 @@ def _local_case(topo):
         local.step()      # scaler.step(optimizer) inside: skipped on Inf/NaN, counted all the same
         scaler.update()
         local.zero_grad()
+
+    ``scaler_steps_local``: the loop an AMP user writes without reading that, treating the
+    LocalOptimizer as the optimizer (no grad_scaler= given):
+
+        scaler.scale(loss).backward()
+        scaler.step(local)   # expected: counted on a skip too (LocalOptimizer taking part in the
+        scaler.update()      # scaler's optimizer contract, torch's _step_supports_amp_scaling)
+
+    Without that, the scaler never calls local.step() on a skip and the replica silently
+    counts one step less: it averages one step late and ends a round short.
     """
     from torch import nn
 
@@ -191,9 +202,14 @@ def _local_case(topo):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, LR_AT)  # lr = 1.0 * LR_AT(step): DeepSpeed's floats
     model = nn.parallel.DistributedDataParallel(net, process_group=topo.shard_group)
     scaler = torch.amp.GradScaler("cpu")
-    local = LocalOptimizer(opt, model, schedule=SCHEDULE, topology=topo, lr_scheduler=sched, grad_scaler=scaler)
     skip_at = LOCAL_SKIP if topo.replica_index == 1 else None
-    return _amp_loop(model, opt, scaler, local.step, topo, skip_at, local, lambda: _digest(net.parameters()))
+    if scaler_steps_local:
+        local = LocalOptimizer(opt, model, schedule=SCHEDULE, topology=topo, lr_scheduler=sched)
+        optimizer_step = functools.partial(scaler.step, local)
+    else:
+        local = LocalOptimizer(opt, model, schedule=SCHEDULE, topology=topo, lr_scheduler=sched, grad_scaler=scaler)
+        optimizer_step = local.step
+    return _amp_loop(model, opt, scaler, optimizer_step, topo, skip_at, local, lambda: _digest(net.parameters()))
 
 
 def _fsdp_case(mesh):
@@ -229,16 +245,16 @@ def _torch_worker(rank, world, case):
     from qsr_ds.topology import Topology
 
     try:  # a bounded wait if replicas disagree on when to average (then ranks end up in other collectives)
-        if case == "local":
-            return _local_case(Topology.create(2, timeout_s=60))
+        if case in ("local", "local_scaler_step"):
+            return _local_case(Topology.create(2, timeout_s=60), scaler_steps_local=case == "local_scaler_step")
         return _fsdp_case(init_mesh(2, device_type="cpu"))
     except Exception as err:  # noqa: BLE001 - reported to the test with the other ranks' outcomes
         return {"error": f"{type(err).__name__}: {err}"}
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("case, skip_at", [("local", LOCAL_SKIP), ("fsdp", FSDP_SKIP)])
-def test_grad_scaler_step_skipped_on_one_replica_keeps_replicas_agreeing(case, skip_at):
+@pytest.mark.parametrize("case", ["local", "local_scaler_step", "fsdp"])
+def test_grad_scaler_step_skipped_on_one_replica_keeps_replicas_agreeing(case):
     # one world per case: a case whose replicas disagree leaves ranks waiting in other collectives
     runs = run_ranks(_torch_worker, 4, case, timeout_s=150, env=ENV)
     planned = NOMINAL  # replica 0 never skips: its LRs follow the nominal schedule (checked below)
