@@ -57,11 +57,10 @@ class OverlapStats(RoundStats):
 class _DeviceSnapshot:
     """The flat fp32 snapshot, its segments' scratch and the (target, copy) views on one device."""
 
-    def __init__(self, device: torch.device, units: list[tuple[Tensor, Tensor | None]], bucket_numel: int,
+    def __init__(self, device: torch.device, targets: list[Tensor], copies: list[Tensor | None], bucket_numel: int,
                  averager_need: tuple[int, int]) -> None:
         self.device = device
-        self.targets = [t for t, _ in units]
-        self.copies = [c for _, c in units]
+        self.targets, self.copies = targets, copies
         self.offsets, numel = [], 0
         for t in self.targets:
             self.offsets.append(numel)
@@ -98,14 +97,21 @@ class OverlappedRound:
     def __init__(self, averager: ReplicaAverager, *, overlap_steps: int) -> None:
         if isinstance(overlap_steps, bool) or not isinstance(overlap_steps, int) or overlap_steps < 1:
             raise ValueError(f"overlap_steps must be an integer >= 1 (0 is the blocking round), got {overlap_steps!r}")
+        cls = type(averager)
+        if cls.average is not ReplicaAverager.average and cls.reduce_corrections is ReplicaAverager.reduce_corrections:
+            raise TypeError(
+                f"{cls.__name__} averages its own way but does not define reduce_corrections, so an overlapped "
+                f"round would send exact fp32 values past it: overlapped rounds do not support it yet"
+            )
         self.averager = averager
         self.overlap_steps = overlap_steps
         self.devices: list[_DeviceSnapshot] = []
         if averager.num_replicas > 1:
-            for device, units in averager.flat_units().items():
+            for device, index in averager.flat_units().items():
                 sizes = [b.numel for b in averager.buckets if b.device == device]
                 need = (max(sizes, default=0), min(2, len(sizes)))
-                snap = _DeviceSnapshot(device, units, averager.bucket_numel, need)
+                snap = _DeviceSnapshot(device, [averager.named[i][1] for i in index],
+                                       [averager.copy_of[i] for i in index], averager.bucket_numel, need)
                 if snap.numel:
                     self.devices.append(snap)
                     averager._scratch[device] = snap.scratch  # shared with blocking rounds, never both at once
@@ -115,7 +121,6 @@ class OverlappedRound:
         self._stats: OverlapStats | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._t_started = 0.0
 
     @property
     def in_flight(self) -> bool:

@@ -125,6 +125,13 @@ def test_overlapped_round_is_the_mean_plus_the_local_steps(world, ranks_per_repl
         assert all(d == digests[0] for d in digests)
 
 
+class _OwnRounds(ReplicaAverager):
+    """Stands for an averager with its own rounds (e.g. compressed) and no overlapped reduction."""
+
+    def average(self, step=None, **kwargs):
+        raise NotImplementedError
+
+
 def _resume_worker(rank, world):
     topo = Topology.create(1)
     init = make_tensors(rank, 0)
@@ -166,6 +173,8 @@ def _resume_worker(rank, world):
         overlap_c.finish()
     with pytest.raises(ValueError, match="overlap_steps must be an integer >= 1"):
         OverlappedRound(averager_c, overlap_steps=0)
+    with pytest.raises(TypeError, match="_OwnRounds averages its own way but does not define reduce_corrections"):
+        OverlappedRound(_OwnRounds(init, topology=topo), overlap_steps=1)
     assert overlap_c.state_dict() == {"overlap_steps": TAU, "in_flight": False}
     other = [(n, t.clone()) for n, t in init[:-2]]
     _, _, overlap_other = build(other, topo)
@@ -197,12 +206,12 @@ def _dead_peer_worker(rank, world, how):
     averager = ReplicaAverager(named, topology=topo, bucket_mb=0.25, kernel="torch")
     overlap = OverlappedRound(averager, overlap_steps=1)
     if rank == 1 and how == "hang":
-        averager.reduce_corrections = lambda *args: time.sleep(15)  # alive, but never sends
+        averager.reduce_corrections = lambda *args: time.sleep(8)  # alive, but never sends
     before = named[0][1].clone()
     overlap.start(1)
     if rank == 1:
         if how == "hang":
-            time.sleep(15)
+            time.sleep(8)  # past rank 0's 3 s timeout
         os._exit(1)  # dies with the round in flight
     start = time.perf_counter()
     try:
