@@ -15,8 +15,10 @@ RoundStats.bytes) is the sum of the rows, against 4n for the exact fp32 round. A
 all-gather puts (R - 1) rows on this rank's link, a ring all-reduce 2 (R - 1) / R * 4n
 (``link_bytes_per_round``): the same ratio at R = 2, less saving for larger R.
 
-``exchange`` runs the same round on snapshot tensors (overlapped rounds): it reads the
-sources and writes a' into given outputs.
+``exchange`` runs the same round on given tensors (e.g. snapshots): it reads the sources and
+writes a' into given outputs. Overlapped rounds (qsr_ds/overlap.py) call
+``reduce_corrections`` on their flat fp32 snapshot x_s: the round sends q(x_s - a + e) and
+leaves the correction a' - x_s in the snapshot, which the overlap adds to x tau steps later.
 """
 from __future__ import annotations
 
@@ -87,7 +89,7 @@ class CompressedAverager(ReplicaAverager):
         super().__init__(tensors, **kwargs)
         self.mode, self.block, self.error_feedback = mode, block, bool(error_feedback)
         copies = dict(kwargs.get("copies") or {})
-        self.copy_of = [copies.get(name) for name, _ in self.named]
+        self.copy_of = [copies.get(name) for name, _ in self.named]  # (the base class may set it too)
         with torch.no_grad():
             self.anchors = [t.detach().reshape(-1).clone() for _, t in self.named]
             self.residuals = [torch.zeros(t.numel(), dtype=torch.float32, device=t.device) if error_feedback
@@ -163,19 +165,54 @@ class CompressedAverager(ReplicaAverager):
 
     # -- rounds -----------------------------------------------------------------------------
     @torch.no_grad()
-    def average(self, step: int | None = None) -> RoundStats:
-        """One compressed sync round, pre-checked like an exact one; x, anchors and copies get a'."""
+    def average(self, step: int | None = None, *, lr: float | None = None, verdict=None) -> RoundStats:
+        """One compressed sync round, pre-checked like an exact one; x, anchors and copies get a'.
+
+        ``lr`` and ``verdict`` as ReplicaAverager.average (replica 0's lr comes back in stats.lr;
+        a verdict means the pre-check already ran).
+        """
         if self.num_replicas == 1:
-            stats = RoundStats(tensors=len(self.named), buckets=len(self.wire))
+            stats = RoundStats(tensors=len(self.named), buckets=len(self.wire), lr=lr)
             self._record(stats)
             return stats
         start = time.perf_counter()
-        self.check(step, what=f"sync round {self.totals.rounds + 1}")
+        if verdict is None:
+            verdict = self.check(step, what=f"sync round {self.totals.rounds + 1}", lr=lr)
+        else:
+            start -= verdict.wait_s
         live = [t for _, t in self.named]
         stats = self.exchange(live, live, copies=self.copy_of)
+        stats.lr, stats.check_s = verdict.lr, verdict.wait_s
         stats.total_s = time.perf_counter() - start
         self._record(stats)
         return stats
+
+    @torch.no_grad()
+    def reduce_corrections(self, snapshot: Tensor, segment_numel: int, scratch: Sequence[Tensor],
+                           stats: RoundStats) -> None:
+        """Overlapped rounds: a device's flat fp32 snapshot x_s (``flat_units`` layout) becomes a' - x_s.
+
+        Sends q(x_s - a + e) like a blocking round and refreshes anchors and residuals; the caller
+        adds the snapshot to x later. ``scratch``: fp32 buffers of at least one bucket (the
+        overlap's segment buffers); ``segment_numel`` is not needed (the wire has its own buckets).
+        """
+        device = snapshot.device
+        index = self.flat_units().get(device, [])
+        sources: list = [None] * len(self.named)
+        offset = 0
+        for i in index:
+            t = self.named[i][1]
+            sources[i] = snapshot[offset: offset + t.numel()]
+            offset += t.numel()
+        need = max((b.numel for b in self.wire if b.device == device), default=0)
+        if not scratch or min(s.numel() for s in scratch) < need:
+            raise ValueError(f"reduce_corrections needs scratch buffers of {need} elements")
+        try:
+            self._rounds(sources, None, None, stats, device=device, temps=scratch)
+        except RuntimeError as err:
+            raise ReplicaCommError(
+                f"overlapped compressed sync round: all-gather over the replica group (ranks "
+                f"{self.topology.replica_group_ranks}) failed (a rank died or timed out?): {err}") from err
 
     @torch.no_grad()
     def exchange(self, sources: Sequence[Tensor], outputs: Sequence[Tensor],
@@ -208,16 +245,21 @@ class CompressedAverager(ReplicaAverager):
         except RuntimeError as err:
             raise ReplicaCommError(
                 f"compressed sync round {self.totals.rounds + 1}: all-gather over the replica group (ranks "
-                f"{self.topology.replica_ranks}) failed (a rank died or timed out?); this rank's tensors may be "
+                f"{self.topology.replica_group_ranks}) failed (a rank died or timed out?); this rank's tensors may be "
                 f"partly averaged, resume from the last checkpoint: {err}") from err
         stats.total_s = time.perf_counter() - start
         return stats
 
-    def _rounds(self, sources, outputs, copies, stats: RoundStats) -> None:
+    def _rounds(self, sources, outputs, copies, stats: RoundStats, device=None, temps=None) -> None:
+        """Quantize, all-gather and dequantize every bucket (of ``device`` only, if given).
+
+        With ``temps`` (overlapped rounds) a' goes into a temporary bucket and the sources get a' - source.
+        """
         group, me = self.topology.replica_group, self.topology.replica_index
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         pending = None
-        for i, bucket in enumerate(self.wire):
+        buckets = [b for b in self.wire if device is None or b.device == device]
+        for i, bucket in enumerate(buckets):
             rows = self._wire_rows(i, bucket)
             t0 = time.perf_counter()
             q, scales = self._row_views(bucket, rows[me])
@@ -229,10 +271,10 @@ class CompressedAverager(ReplicaAverager):
             stats.pack_s += time.perf_counter() - t0
             work = gather(rows.view(-1), rows[me], group=group, async_op=True)
             if pending is not None:
-                self._finish(*pending, outputs, copies, stats)
-            pending = (bucket, rows, work)
+                self._finish(*pending, sources, outputs, copies, stats)
+            pending = (bucket, rows, work, None if temps is None else temps[i % len(temps)])
         if pending is not None:
-            self._finish(*pending, outputs, copies, stats)
+            self._finish(*pending, sources, outputs, copies, stats)
         if any(d.type == "cuda" for d in self.backends):
             torch.cuda.synchronize()
 
@@ -243,16 +285,26 @@ class CompressedAverager(ReplicaAverager):
         scales = row[..., : bucket.scale_bytes].view(torch.float32) if self.mode == "int8" else None
         return q, scales
 
-    def _finish(self, bucket: _WireBucket, rows: Tensor, work, outputs, copies, stats: RoundStats) -> None:
+    def _finish(self, bucket: _WireBucket, rows: Tensor, work, temp, sources, outputs, copies,
+                stats: RoundStats) -> None:
         t0 = time.perf_counter()
         work.wait()
         t1 = time.perf_counter()
         q_rows, scale_rows = self._row_views(bucket, rows)
+        if temp is None:
+            targets = [_view(outputs[p.index], p) for p in bucket.pieces]
+            copy_views = [_view(copies[p.index], p) for p in bucket.pieces]
+        else:
+            targets = [temp[p.offset: p.offset + p.end - p.start] for p in bucket.pieces]
+            copy_views = [None] * len(bucket.pieces)
         self.backends[bucket.device].dequantize(
-            self.mode, self.block, q_rows, scale_rows, [_view(outputs[p.index], p) for p in bucket.pieces],
-            [_view(self.anchors[p.index], p) for p in bucket.pieces],
-            [_view(copies[p.index], p) for p in bucket.pieces], [p.offset for p in bucket.pieces],
-            [p.block_offset for p in bucket.pieces], 1.0 / self.num_replicas)
+            self.mode, self.block, q_rows, scale_rows, targets, [_view(self.anchors[p.index], p) for p in bucket.pieces],
+            copy_views, [p.offset for p in bucket.pieces], [p.block_offset for p in bucket.pieces],
+            1.0 / self.num_replicas)
+        if temp is not None:  # the correction a' - x_s, in place of x_s
+            for p, target in zip(bucket.pieces, targets):
+                snap = _view(sources[p.index], p)
+                torch.sub(target, snap, out=snap)
         stats.comm_s += t1 - t0
         stats.unpack_s += time.perf_counter() - t1
 

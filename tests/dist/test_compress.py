@@ -109,6 +109,7 @@ def _check_round(avg, named, before, anchor_before, residual_before, world, mode
 
 
 def _rounds_worker(rank, world):
+    from qsr_ds.averager import RoundStats
     from qsr_ds.compress import CompressedAverager
     from qsr_ds.kernels import cpp
     from qsr_ds.topology import Topology
@@ -153,6 +154,26 @@ def _rounds_worker(rank, world):
         assert all(torch.equal(x, y) for (_, x), y in zip(live, outputs)), "exchange differs from average"
         assert all(torch.equal(x, y) for (_, x), y in zip(twin, snapshots)), "exchange wrote its sources"
         assert all(torch.equal(x, y) for x, y in zip(a.anchors, b.anchors))
+        # overlapped rounds: reduce_corrections leaves a' - x_s in a flat fp32 snapshot
+        third = [(n, t.clone()) for n, t in _start_tensors()]
+        c = CompressedAverager(third, topology=topo, mode=mode, block=BLOCK, kernel=fused, bucket_mb=0.005)
+        _drift(third, topo.replica_index, 0)
+        snapshot = torch.cat([t.reshape(-1).float() for _, t in third])
+        x_s = snapshot.clone()
+        scratch = [torch.empty(max(w.numel for w in c.wire)) for _ in range(2)]
+        c.reduce_corrections(snapshot, 1 << 20, scratch, RoundStats())
+        # a' of the blocking round (fp32 there; a bf16 tensor got bf16(a'): compare its rounding)
+        offset = 0
+        for (name, t), (_, full) in zip(third, live):
+            got = snapshot[offset: offset + t.numel()] + x_s[offset: offset + t.numel()]
+            want = full.reshape(-1).float()
+            if t.dtype == torch.float32:
+                got_c = snapshot[offset: offset + t.numel()]
+                assert torch.equal(got_c, want - x_s[offset: offset + t.numel()]), f"{name}: not a' - x_s"
+            else:
+                assert (got.to(t.dtype).float() - want).abs().le(torch.finfo(t.dtype).eps * want.abs()).all(), name
+            offset += t.numel()
+        assert all(torch.equal(x, y) for x, y in zip(a.anchors, c.anchors))
     return out
 
 
