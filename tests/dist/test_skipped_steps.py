@@ -12,8 +12,9 @@ h_base 2, alpha 0.028) has rounds (0,2) (2,2) (4,2) (6,2) (8,3) (11,5): after th
 depends on the LR, so a replica that took H from its own, lagging, LR would average at
 other steps (checked below from the logged LRs, so the tests cannot pass by accident).
 
-Two spawned 4-rank worlds (2 replicas x 2 ranks): one builds the DeepSpeed engines one
-after another, the other runs LocalOptimizer and FSDP2 with a GradScaler.
+Spawned 4-rank worlds (2 replicas x 2 ranks): one builds the DeepSpeed engines one after
+another; LocalOptimizer and FSDP2 under a GradScaler get a world each (a case whose replicas
+disagree leaves ranks waiting in other collectives).
 """
 from __future__ import annotations
 
@@ -172,23 +173,16 @@ def _amp_loop(model, optimizer, scaler, optimizer_step, topo, skip_at, qsr, full
             "completed": qsr.tracker.completed_steps, "rounds": qsr.rounds, "scale": float(scaler.get_scale())}
 
 
-def _local_case(topo, *, scaler_steps_local=False):
-    """LocalOptimizer under a GradScaler, as qsr_ds/local.py documents it:
+def _local_case(topo):
+    """LocalOptimizer under a GradScaler, written as an AMP user writes the loop with the wrapper:
 
-        local = LocalOptimizer(optimizer, model, ..., lr_scheduler=sched, grad_scaler=scaler)
+        local = LocalOptimizer(optimizer, model, ..., lr_scheduler=sched)
         scaler.scale(loss).backward()
-        local.step()      # scaler.step(optimizer) inside: skipped on Inf/NaN, counted all the same
-        scaler.update()
-        local.zero_grad()
+        scaler.step(local)   # LocalOptimizer takes part in the scaler's optimizer contract (torch's
+        scaler.update()      # _step_supports_amp_scaling): local.step() runs on every iteration and
+        local.zero_grad()    # counts a step the scaler skips for Inf/NaN; optimizer and scheduler skip it
 
-    ``scaler_steps_local``: the loop an AMP user writes without reading that, treating the
-    LocalOptimizer as the optimizer (no grad_scaler= given):
-
-        scaler.scale(loss).backward()
-        scaler.step(local)   # expected: counted on a skip too (LocalOptimizer taking part in the
-        scaler.update()      # scaler's optimizer contract, torch's _step_supports_amp_scaling)
-
-    Without that, the scaler never calls local.step() on a skip and the replica silently
+    Without that contract the scaler never calls local.step() on a skip and the replica silently
     counts one step less: it averages one step late and ends a round short.
     """
     from torch import nn
@@ -201,15 +195,11 @@ def _local_case(topo, *, scaler_steps_local=False):
     opt = torch.optim.AdamW(net.parameters(), lr=1.0, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, LR_AT)  # lr = 1.0 * LR_AT(step): DeepSpeed's floats
     model = nn.parallel.DistributedDataParallel(net, process_group=topo.shard_group)
+    local = LocalOptimizer(opt, model, schedule=SCHEDULE, topology=topo, lr_scheduler=sched)
     scaler = torch.amp.GradScaler("cpu")
     skip_at = LOCAL_SKIP if topo.replica_index == 1 else None
-    if scaler_steps_local:
-        local = LocalOptimizer(opt, model, schedule=SCHEDULE, topology=topo, lr_scheduler=sched)
-        optimizer_step = functools.partial(scaler.step, local)
-    else:
-        local = LocalOptimizer(opt, model, schedule=SCHEDULE, topology=topo, lr_scheduler=sched, grad_scaler=scaler)
-        optimizer_step = local.step
-    return _amp_loop(model, opt, scaler, optimizer_step, topo, skip_at, local, lambda: _digest(net.parameters()))
+    return _amp_loop(model, opt, scaler, functools.partial(scaler.step, local), topo, skip_at, local,
+                     lambda: _digest(net.parameters()))
 
 
 def _fsdp_case(mesh):
@@ -245,21 +235,24 @@ def _torch_worker(rank, world, case):
     from qsr_ds.topology import Topology
 
     try:  # a bounded wait if replicas disagree on when to average (then ranks end up in other collectives)
-        if case in ("local", "local_scaler_step"):
-            return _local_case(Topology.create(2, timeout_s=60), scaler_steps_local=case == "local_scaler_step")
+        if case == "local":
+            return _local_case(Topology.create(2, timeout_s=60))
         return _fsdp_case(init_mesh(2, device_type="cpu"))
     except Exception as err:  # noqa: BLE001 - reported to the test with the other ranks' outcomes
         return {"error": f"{type(err).__name__}: {err}"}
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("case", ["local", "local_scaler_step", "fsdp"])
-def test_grad_scaler_step_skipped_on_one_replica_keeps_replicas_agreeing(case):
+@pytest.mark.parametrize("case, skip_at", [("local", LOCAL_SKIP), ("fsdp", FSDP_SKIP)])
+def test_grad_scaler_step_skipped_on_one_replica_keeps_replicas_agreeing(case, skip_at):
     # one world per case: a case whose replicas disagree leaves ranks waiting in other collectives
     runs = run_ranks(_torch_worker, 4, case, timeout_s=150, env=ENV)
     planned = NOMINAL  # replica 0 never skips: its LRs follow the nominal schedule (checked below)
     assert [run.get("error", run.get("boundaries")) for run in runs] == [planned] * 4
     assert runs[0]["lrs"] == [LR_AT(s) for s in range(STEPS)] and planned_from(runs[0]["lrs"]) == planned
+    # as DeepSpeed, the scheduler does not step on a skipped step: replica 1's own LR would plan other rounds
+    lr1 = runs[2]["lrs"]
+    assert lr1[skip_at + 1] == lr1[skip_at] and planned_from(lr1) != planned, lr1
     # the scaler skipped replica 1's step (its scale halved), replica 0 stepped every time
     assert [run["skipped"] for run in runs] == [0, 0, 1, 1]
     assert runs[2]["scale"] == runs[0]["scale"] / 2
