@@ -138,10 +138,12 @@ class OverlappedRound:
         return sum(d.extra_bytes for d in self.devices)
 
     @torch.no_grad()
-    def start(self, step: int, *, lr: float | None = None):
-        """Pre-check, snapshot, and start the all-reduce in the background; returns the pre-check's
-        Verdict (replica 0's ``lr``). A NaN/Inf anywhere raises ReplicaMismatchError on every rank
-        before anything starts."""
+    def start(self, step: int, *, lr: float | None = None, verdict=None) -> OverlapStats:
+        """Pre-check, snapshot, and start the all-reduce in the background. A NaN/Inf anywhere raises
+        ReplicaMismatchError on every rank before anything starts. ``verdict``: the pre-check already
+        ran for this round (``averager.check``), it is not repeated. Returns the round's stats
+        (``lr``: replica 0's), which ``finish`` completes and records.
+        """
         if self.in_flight:
             raise RuntimeError(
                 f"overlapped sync round {self.round_no} (started after step {self.started_step}) is still in "
@@ -149,7 +151,10 @@ class OverlappedRound:
             )
         t0 = time.perf_counter()
         round_no = self.averager.totals.rounds + 1
-        verdict = self.averager.check(step, what=f"overlapped sync round {round_no}", lr=lr)
+        if verdict is None:
+            verdict = self.averager.check(step, what=f"overlapped sync round {round_no}", lr=lr)
+        else:
+            t0 -= verdict.wait_s  # the round's time includes its pre-check wherever it ran
         stats = OverlapStats(tensors=len(self.averager.named), buckets=sum(-(-d.numel // d.segment_numel)
                              for d in self.devices), lr=verdict.lr, check_s=verdict.wait_s,
                              overlap_steps=self.overlap_steps, started_step=step, apply_step=step + self.overlap_steps)
@@ -168,7 +173,7 @@ class OverlappedRound:
                                             daemon=True)
             self._thread.start()
         stats.total_s = time.perf_counter() - t0
-        return verdict
+        return stats
 
     def _communicate(self) -> None:
         t0 = time.perf_counter()

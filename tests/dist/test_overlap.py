@@ -140,16 +140,17 @@ def _resume_worker(rank, world):
     # uninterrupted: start after step 10, two local steps, apply after step 12
     named_a = [(n, t.clone()) for n, t in init]
     _, copies_a, overlap_a = build(named_a, topo)
-    verdict = overlap_a.start(10, lr=0.1 * (rank + 1))
-    assert verdict.lr == 0.1  # replica 0's learning rate, as for a blocking round
+    started = overlap_a.start(10, lr=0.1 * (rank + 1))
+    assert started.lr == 0.1  # replica 0's learning rate, as for a blocking round
     for k in range(TAU):
         local_step(named_a, rank, 0, k)
-    overlap_a.finish(12)
+    assert overlap_a.finish(12) is started
 
     # interrupted: a checkpoint after step 11 with the round in flight, then a fresh process resumes
     named_b = [(n, t.clone()) for n, t in init]
-    _, _, overlap_b = build(named_b, topo)
-    overlap_b.start(10)
+    averager_b, _, overlap_b = build(named_b, topo)
+    verdict = averager_b.check(10, lr=0.5)  # the pre-check run by the caller, as the sync core does
+    assert overlap_b.start(10, verdict=verdict).lr == 0.5
     local_step(named_b, rank, 0, 0)
     saved = io.BytesIO()
     torch.save({"tensors": [t for _, t in named_b], "overlap": overlap_b.state_dict()}, saved)
