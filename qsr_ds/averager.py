@@ -211,10 +211,11 @@ class ReplicaAverager:
         return bufs[i % len(bufs)][: bucket.numel]
 
     @torch.no_grad()
-    def average(self, step: int | None = None, *, lr: float | None = None) -> RoundStats:
+    def average(self, step: int | None = None, *, lr: float | None = None, verdict: Verdict | None = None) -> RoundStats:
         """One sync round; ``step`` (completed optimizer steps) is checked equal on all replicas.
 
         ``lr``: this replica's learning rate for the next H; the round returns replica 0's in ``stats.lr``.
+        ``verdict``: the pre-check already ran for this round (``check``); it is not repeated.
         """
         stats = RoundStats(tensors=len(self.named), buckets=len(self.buckets), in_place=len(self.in_place), lr=lr)
         if self.num_replicas == 1:
@@ -222,7 +223,10 @@ class ReplicaAverager:
             return stats
         start = time.perf_counter()
         round_no = self.totals.rounds + 1
-        verdict = self.check(step, what=f"sync round {round_no}", lr=lr)
+        if verdict is None:
+            verdict = self.check(step, what=f"sync round {round_no}", lr=lr)
+        else:
+            start -= verdict.wait_s  # the round's time includes its pre-check wherever it ran
         stats.lr, stats.check_s = verdict.lr, verdict.wait_s
         try:
             self._reduce(stats)

@@ -16,6 +16,7 @@ from .schedule import RULES, ScheduleError, SyncSchedule
 
 AVERAGE_CHOICES = ("params", "buffers", "exp_avg", "exp_avg_sq", "momentum")
 KERNEL_CHOICES = ("auto", "triton", "cpp", "torch")
+COMPRESS_CHOICES = ("bf16", "int8")
 
 
 class QSRConfigError(ValueError):
@@ -52,6 +53,10 @@ class QSRConfig:
     """Refuse to average (raise, nothing written) when any replica holds NaN or Inf."""
     timeout_s: float = 600.0
     """Timeout of the replica group's collectives; a dead replica fails instead of hanging."""
+    overlap_steps: int = 0
+    """tau: a round's all-reduce runs behind the next tau steps (0 = blocking rounds, bit for bit)."""
+    compress: str | None = None
+    """Send rounds as bf16 or int8 deltas from the last average, with error feedback (None = exact fp32)."""
     source: str = field(default="<dict>", compare=False)
     """Where the section came from, for error messages (not a config key)."""
 
@@ -71,7 +76,7 @@ class QSRConfig:
         from .core import SyncSettings
 
         return SyncSettings(average=tuple(self.average), bucket_mb=self.bucket_mb, kernel=self.kernel,
-                            check_finite=self.check_finite)
+                            check_finite=self.check_finite, overlap_steps=self.overlap_steps, compress=self.compress)
 
     def num_replicas(self, world_size: int) -> int:
         """R for a world size; a world size that S does not divide is an error."""
@@ -93,7 +98,7 @@ class QSRConfig:
 
 
 _KEYS = tuple(f.name for f in dataclasses.fields(QSRConfig) if f.name != "source")
-_INT_KEYS = {"h_base", "warmup_steps", "total_steps", "ranks_per_replica"}
+_INT_KEYS = {"h_base", "warmup_steps", "total_steps", "ranks_per_replica", "overlap_steps"}
 _NUMBER_KEYS = {"alpha", "bucket_mb", "timeout_s"}
 _OPTIONAL_INT_KEYS = {"switch_step"}
 _OPTIONAL_NUMBER_KEYS = {"gamma"}
@@ -123,6 +128,8 @@ def _check_types(section: dict, source: str) -> None:
             raise _fail(source, key, f"expected a number or null, got {type(value).__name__} {value!r}")
         if key in ("rule", "kernel") and not isinstance(value, str):
             raise _fail(source, key, f"expected a string, got {type(value).__name__} {value!r}")
+        if key == "compress" and value is not None and not isinstance(value, str):
+            raise _fail(source, key, f"expected \"bf16\", \"int8\" or null, got {type(value).__name__} {value!r}")
         if key == "check_finite" and not isinstance(value, bool):
             raise _fail(source, key, f"expected true or false, got {value!r}")
         if key == "average" and not (
@@ -140,6 +147,7 @@ def _check_values(section: dict, source: str) -> None:
         "total_steps": (lambda v: v >= 1, "must be >= 1"),
         "switch_step": (lambda v: v is None or v >= 0, "must be >= 0"),
         "ranks_per_replica": (lambda v: v >= 1, "must be >= 1"),
+        "overlap_steps": (lambda v: 0 <= v <= 10**6, "must be between 0 and 1000000"),
         # bounded above: an infinite or astronomically large value passed "> 0" and then overflowed
         # (int(bucket_mb * 2**20), timedelta(seconds=timeout_s)) once training had started
         "bucket_mb": (lambda v: 0 < v <= 2**20, "must be > 0 and at most 1048576 (1 TiB)"),
@@ -152,6 +160,8 @@ def _check_values(section: dict, source: str) -> None:
         raise _fail(source, "rule", f"unknown rule {section['rule']!r}; expected one of {', '.join(RULES)}")
     if "kernel" in section and section["kernel"] not in KERNEL_CHOICES:
         raise _fail(source, "kernel", f"unknown kernel {section['kernel']!r}; expected one of {', '.join(KERNEL_CHOICES)}")
+    if section.get("compress") is not None and section["compress"] not in COMPRESS_CHOICES:
+        raise _fail(source, "compress", f"unknown compression {section['compress']!r}; expected bf16, int8 or null")
     for item in section.get("average", []):
         if item not in AVERAGE_CHOICES:
             raise _fail(source, "average", f"unknown entry {item!r}; expected some of {', '.join(AVERAGE_CHOICES)}")

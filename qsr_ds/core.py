@@ -70,6 +70,10 @@ class SyncSettings:
     """Pack/unpack back-end: auto | triton | cpp | torch."""
     check_finite: bool = True
     """Refuse to average (raise on every rank, nothing written) when a replica holds NaN/Inf."""
+    overlap_steps: int = 0
+    """tau: a round's all-reduce runs behind the next tau steps (0 = blocking rounds)."""
+    compress: str | None = None
+    """None (exact fp32 rounds), "bf16" or "int8": send deltas from the last average, error-fed back."""
 
 
 class SyncCore:
@@ -82,6 +86,8 @@ class SyncCore:
         self.totals = AveragerTotals()
         self.averager: ReplicaAverager | None = None
         self._averaged_key: list | None = None
+        self.overlap = None
+        """The OverlappedRound of this run (qsr_ds/overlap.py), once an overlapped round started."""
         self.last_round: RoundStats | None = None
         """The round the latest after_steps() ran, else None."""
 
@@ -105,16 +111,20 @@ class SyncCore:
         return self.topology.num_replicas
 
     def after_steps(self, count: int = 1) -> RoundStats | None:
-        """Count ``count`` completed optimizer steps; runs the round the last of them closes."""
+        """Count ``count`` completed optimizer steps; runs the round the last of them closes.
+
+        A round in flight (overlapped) is applied after the step it was due (its boundary + tau).
+        """
         self.last_round = None
         for _ in range(count):
             tracker = self.tracker
-            if tracker.finished or tracker.completed_steps + 1 < tracker.next_boundary:
+            closes = not tracker.finished and tracker.completed_steps + 1 >= tracker.next_boundary
+            if not closes:
                 tracker.on_step(None)  # no round closes (raises past total_steps)
+                if self.overlap is not None and self.overlap.apply_step == tracker.completed_steps:
+                    self.last_round = self._finish_overlapped()
                 continue
-            stats = self.sync(step=tracker.completed_steps + 1, lr=self.current_lr())
-            tracker.on_step(stats.lr)
-            self.last_round = stats
+            self.last_round = self._close_round(step=tracker.completed_steps + 1)
         return self.last_round
 
     # -- the round ------------------------------------------------------------------------
@@ -132,22 +142,55 @@ class SyncCore:
             self._averaged_key = plan.key
         return self.averager
 
-    def sync(self, *, step: int | None = None, lr: float | None = None) -> RoundStats:
-        """Average the replicas now (every rank must call it), then refresh the engine.
+    def _close_round(self, step: int) -> RoundStats:
+        """The step that closes a round: pre-check (agreeing replica 0's LR), decide the next H from it,
+        then average now (blocking) or start the all-reduce behind the next tau steps."""
+        plan = self.sync_plan()
+        averager = self._averager_for(plan)
+        verdict = averager.check(step, what=f"sync round {self.totals.rounds + 1}", lr=self.current_lr())
+        self.tracker.on_step(verdict.lr)
+        tau = self.settings.overlap_steps
+        if tau and self.num_replicas > 1 and not self.tracker.finished and self.tracker.current_h > tau:
+            return self._overlap_for(averager).start(step, verdict=verdict)
+        return self._average_now(plan, averager, step, verdict)
 
-        ``step``: completed optimizer steps, checked equal on every replica (default: the
-        tracker's). ``lr``: this replica's learning rate for the next H; ``stats.lr`` is replica 0's.
-        """
+    def _average_now(self, plan: SyncPlan, averager, step: int | None, verdict=None) -> RoundStats:
+        stats = averager.average(step=step, lr=self.current_lr() if verdict is None else verdict.lr, verdict=verdict)
+        self._refresh(plan, stats)
+        return stats
+
+    def _refresh(self, plan: SyncPlan, stats: RoundStats) -> None:
+        if self.num_replicas == 1:
+            return
+        start = time.perf_counter()
+        plan.refresh()
+        stats.refresh_s = time.perf_counter() - start
+        stats.total_s += stats.refresh_s
+        self.totals.refresh_s += stats.refresh_s
+        self.totals.total_s += stats.refresh_s
+
+    def _overlap_for(self, averager):
+        from .overlap import OverlappedRound
+
+        if self.overlap is None or self.overlap.averager is not averager:
+            self.overlap = OverlappedRound(averager, overlap_steps=self.settings.overlap_steps)
+        return self.overlap
+
+    def _finish_overlapped(self) -> RoundStats:
+        stats = self.overlap.finish()
+        self._refresh(self.sync_plan(), stats)
+        return stats
+
+    def sync(self, *, step: int | None = None, lr: float | None = None) -> RoundStats:
+        """Average the replicas now (every rank must call it), then refresh the engine; the tracker is
+        not moved. ``step``: completed optimizer steps, checked equal on every replica (default: the
+        tracker's). ``lr``: this replica's learning rate; ``stats.lr`` is replica 0's."""
+        if self.overlap is not None and self.overlap.in_flight:
+            self._finish_overlapped()
         plan = self.sync_plan()
         averager = self._averager_for(plan)
         stats = averager.average(step=self.tracker.completed_steps if step is None else step, lr=lr)
-        if self.num_replicas > 1:
-            start = time.perf_counter()
-            plan.refresh()
-            stats.refresh_s = time.perf_counter() - start
-            stats.total_s += stats.refresh_s
-            self.totals.refresh_s += stats.refresh_s
-            self.totals.total_s += stats.refresh_s
+        self._refresh(plan, stats)
         return stats
 
     @torch.no_grad()

@@ -218,6 +218,7 @@ class FSDPQSR(SyncCore):
         mesh: DeviceMesh,
         qsr: QSRConfig | SyncSchedule,
         lr_scheduler=None,
+        grad_scaler: torch.amp.GradScaler | None = None,
         average: Iterable[str] | None = None,
         bucket_mb: float | None = None,
         kernel: str | None = None,
@@ -251,6 +252,12 @@ class FSDPQSR(SyncCore):
         self._paused = False
         self._sched_epoch = self._scheduler_epoch()
         self._hook = optimizer.register_step_post_hook(self._after_step)
+        self._stepped_since_update = False
+        self.grad_scaler = grad_scaler
+        if grad_scaler is not None:
+            # a step the scaler skips (Inf/NaN gradients) runs no optimizer.step() and so no hook: it is
+            # counted when the loop calls scaler.update(), which every AMP iteration does exactly once
+            grad_scaler.update = self._count_skipped_then(grad_scaler.update)
 
     @property
     def average(self) -> tuple[str, ...]:
@@ -273,14 +280,29 @@ class FSDPQSR(SyncCore):
     def _after_step(self, optimizer, args, kwargs) -> None:
         if self._paused:
             return
+        self._stepped_since_update = True
         self.count_step()
 
-    def count_step(self) -> None:
+    def _count_skipped_then(self, update: Callable) -> Callable:
+        def update_and_count(*args, **kwargs):
+            skipped, self._stepped_since_update = not self._stepped_since_update, False
+            out = update(*args, **kwargs)
+            if skipped and not self._paused:
+                self.count_step(skipped=True)
+            return out
+
+        return update_and_count
+
+    def count_step(self, *, skipped: bool = False) -> None:
         """One optimizer step done: step the scheduler QSR owns, then count it (a round may run).
 
-        The post-step hook calls it; call it yourself for a step the loop skipped (a GradScaler
-        that found inf/NaN gradients calls no optimizer.step()): every replica must count the same steps.
+        The post-step hook calls it, and so does ``grad_scaler.update()`` for a step the scaler
+        skipped (``skipped=True``: the scheduler does not step, as DeepSpeed skips it too). Call it
+        yourself for a step your loop skipped otherwise: every replica must count the same steps.
         """
+        if skipped:
+            self.after_steps(1)
+            return
         if self.lr_scheduler is not None:
             if self._scheduler_epoch() != self._sched_epoch:
                 raise RuntimeError(
@@ -302,6 +324,8 @@ class FSDPQSR(SyncCore):
 
     def close(self) -> None:
         self._hook.remove()
+        if self.grad_scaler is not None and "update" in vars(self.grad_scaler):
+            del self.grad_scaler.update  # the class's own update again
 
     def __enter__(self) -> FSDPQSR:
         return self

@@ -12,10 +12,12 @@ Replicas start from replica 0's parameters and floating-point buffers. fp32 para
 one device are re-pointed once into one flat buffer (``flatten_params``), which every round
 then all-reduces in place: no packing.
 
-Mixed precision with a loss scaler: pass ``grad_scaler=`` and call ``local.step()`` instead
-of ``scaler.step(optimizer)``; a step the scaler skips (inf/NaN gradients) still counts, and
-the learning rate scheduler steps as it would after ``scaler.step``. Call ``scaler.update()``
-after ``local.step()`` as usual.
+Mixed precision with a torch.amp.GradScaler: write the usual AMP loop with the wrapper,
+``scaler.step(local); scaler.update()``. LocalOptimizer takes part in GradScaler's contract for
+optimizers that handle scaling themselves (``_step_supports_amp_scaling``): the scaler calls
+``local.step()`` on every iteration with ``found_inf`` and ``grad_scale`` set, so a step it
+skips for Inf/NaN gradients still counts (replicas must agree on when to average); the torch
+optimizer and the LR scheduler then do not step, as DeepSpeed skips both.
 """
 from __future__ import annotations
 
@@ -42,7 +44,6 @@ class LocalOptimizer(SyncCore):
         schedule: SyncSchedule,
         topology: Topology,
         lr_scheduler=None,
-        grad_scaler: torch.amp.GradScaler | None = None,
         average: Iterable[str] = ("params",),
         bucket_mb: float = 64.0,
         kernel: str = "auto",
@@ -52,7 +53,6 @@ class LocalOptimizer(SyncCore):
         self.optimizer = optimizer
         self.model = model
         self.lr_scheduler = lr_scheduler
-        self.grad_scaler = grad_scaler
         params = list(model.parameters())
         self.flat_params: torch.Tensor | None = None
         """One fp32 buffer all parameters are views of (None when they are not all fp32 on one device)."""
@@ -98,16 +98,24 @@ class LocalOptimizer(SyncCore):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
+    _step_supports_amp_scaling = True  # GradScaler.step(local) calls step() even when it finds Inf/NaN
+
     def step(self, closure=None):
-        """One optimizer step (through the grad scaler if given); averages when it closes a round."""
-        if self.grad_scaler is not None:
-            if closure is not None:
-                raise ValueError("LocalOptimizer.step: a closure cannot be combined with grad_scaler")
-            loss = self.grad_scaler.step(self.optimizer)
-        else:
+        """One optimizer step; averages when it closes a round. Returns the closure's loss.
+
+        Under ``GradScaler.step(local)`` a step whose gradients hold Inf/NaN is skipped (the torch
+        optimizer and the scheduler do not step) but counted.
+        """
+        found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
+        loss = None
+        if found_inf is None or not float(found_inf):
+            if grad_scale is not None:  # the scaler left unscaling to us: as GradScaler.unscale_ does it
+                grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+                if grads:
+                    torch._foreach_mul_(grads, grad_scale.double().reciprocal().float())
             loss = self.optimizer.step(closure)
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step()
         self.after_steps(1)
         return loss
 
@@ -116,14 +124,11 @@ class LocalOptimizer(SyncCore):
         state = {"optimizer": self.optimizer.state_dict(), "qsr": self.qsr_state_dict()}
         if self.lr_scheduler is not None:
             state["lr_scheduler"] = self.lr_scheduler.state_dict()
-        if self.grad_scaler is not None:
-            state["grad_scaler"] = self.grad_scaler.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         """Checks R, S and the schedule first (QSRCheckpointError); nothing is loaded on a mismatch."""
         self.load_qsr_state_dict(state["qsr"])
         self.optimizer.load_state_dict(state["optimizer"])
-        for key, owner in (("lr_scheduler", self.lr_scheduler), ("grad_scaler", self.grad_scaler)):
-            if owner is not None and key in state:
-                owner.load_state_dict(state[key])
+        if self.lr_scheduler is not None and "lr_scheduler" in state:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
