@@ -72,8 +72,10 @@ class _DeviceSnapshot:
         need_numel, need_count = averager_need
         self.scratch_numel = max(self.segment_numel, need_numel)
         self.scratch_count = max(min(2, segments), need_count)
-        self.snapshot = torch.empty(numel, dtype=torch.float32, device=device)
-        self.scratch = [torch.empty(self.scratch_numel, dtype=torch.float32, device=device)
+        # zeros, not empty: the pages are committed now (an out-of-memory fails here, and the first
+        # round does not pay for first-touch page faults on the training thread)
+        self.snapshot = torch.zeros(numel, dtype=torch.float32, device=device)
+        self.scratch = [torch.zeros(self.scratch_numel, dtype=torch.float32, device=device)
                         for _ in range(self.scratch_count)]
         self.views = [self.snapshot[o : o + t.numel()].view(t.shape) for t, o in zip(self.targets, self.offsets)]
         cuda = device.type == "cuda"
@@ -282,7 +284,6 @@ class OverlappedRound:
             raise ValueError(f"the checkpoint's round correction has sizes {saved}, this averager needs "
                              f"{[(d.numel,) for d in self.devices]}")
         for dev, corr in zip(self.devices, state["corrections"]):
-            self.averager._scratch.pop(dev.device, None)
             dev.snapshot.copy_(corr)
         self.started_step, self._apply_step = int(state["started_step"]), int(state["apply_step"])
         self.round_no, self._error, self._thread = int(state["round"]), None, None

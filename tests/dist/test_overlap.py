@@ -1,6 +1,7 @@
 """OverlappedRound on real gloo ranks: the all-reduce runs behind local steps, then x += mean(x_s) - x_s."""
 import io
 import os
+import threading
 import time
 
 import pytest
@@ -56,6 +57,12 @@ def _overlap_worker(rank, world, ranks_per_replica, kernel):
         assert all(torch.equal(a, t) or (a.isnan() == t.isnan()).all() for a, (_, t) in zip(before, named))
         named[3][1].copy_(make_tensors(replica, shard)[3][1])
 
+    # replica 1's background thread waits until its training thread has run the probes below, so
+    # every other replica runs them with its own all-reduce provably still in flight
+    gate = threading.Event()
+    if replica == 1:
+        reduce = averager.reduce_corrections
+        averager.reduce_corrections = lambda *args: (gate.wait(), reduce(*args))
     x_s = [t.clone() for _, t in named]
     overlap.start(10)
     assert overlap.in_flight and overlap.apply_step == 10 + TAU
@@ -69,6 +76,7 @@ def _overlap_worker(rank, world, ranks_per_replica, kernel):
         if ranks_per_replica > 1:
             dist.all_reduce(probe, group=topo.shard_group)
             assert probe.tolist() == [world * ranks_per_replica] * 4
+    gate.set()
     # the background thread only ever touches the snapshot
     assert all(torch.equal(t, want) for (_, t), want in zip(named, expected_local))
     local = [t.double() for _, t in named]
