@@ -8,9 +8,10 @@ process (on the rank QSR_FAULT_RANK only), then calls train_gpt.main(). Faults (
 
   kill_after_step:K       SIGKILL right after optimizer step K completes (before a save at K)
   kill_in_round:K         SIGKILL on entering the sync round that closes at step K, before its
-                          first collective (the other ranks are waiting in it)
-  kill_mid_allreduce:K    in the round closing at step K, post the first all-reduce, then SIGKILL
-                          (the other ranks of the replica group are inside that all-reduce)
+                          first collective (the other ranks are waiting in its pre-check)
+  kill_mid_allreduce:K    in the round closing at step K, after the pre-check, post the first
+                          all-reduce of data, then SIGKILL (the other ranks of the replica group
+                          are inside that all-reduce)
   kill_mid_write:TAG      while saving checkpoint TAG: write half of this rank's first file, SIGKILL
   kill_before_commit:TAG  after every file and the manifest of TAG are written, just before
                           save_dir/latest is renamed into place (rank 0 writes it)
@@ -65,7 +66,8 @@ def install(spec: str) -> None:
         from qsr_ds import averager
 
         target = int(arg)
-        orig_average, orig_all_reduce = averager.ReplicaAverager.average, dist.all_reduce
+        orig_check, orig_average = averager.ReplicaAverager.check, averager.ReplicaAverager.average
+        orig_all_reduce = dist.all_reduce
 
         def all_reduce(tensor, *args, **kwargs):
             kwargs["async_op"] = True
@@ -73,13 +75,18 @@ def install(spec: str) -> None:
             _die({"fault": kind, "step": target, "numel": tensor.numel()})
             return work
 
-        def average(self, step=None):
-            if step == target:
-                if kind == "kill_in_round":
-                    _die({"fault": kind, "step": step})
-                averager.dist.all_reduce = all_reduce  # the round's header is an all_gather: passes
-            return orig_average(self, step)
+        # a round is check() (the pre-check, its first collectives) and then average(step=..., verdict=...)
+        def check(self, step=None, *args, **kwargs):
+            if step == target and kind == "kill_in_round":
+                _die({"fault": kind, "step": step})
+            return orig_check(self, step, *args, **kwargs)
 
+        def average(self, step=None, *args, **kwargs):
+            if step == target and kind == "kill_mid_allreduce":
+                averager.dist.all_reduce = all_reduce  # the pre-check has passed: the next all-reduce moves data
+            return orig_average(self, step, *args, **kwargs)
+
+        averager.ReplicaAverager.check = check
         averager.ReplicaAverager.average = average
     elif kind == "kill_mid_write":
         from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine

@@ -49,24 +49,31 @@ def _tree_digest(directory: str) -> dict[str, str]:
 
 
 class _Probe:
-    """Wraps ReplicaAverager.average: did a failed round change any tensor (bitwise)?"""
+    """Wraps ReplicaAverager.check and .average: did a refused check or round change any tensor (bitwise)?
+
+    A round is check() (the pre-check, which refuses) and then average(); the start-up
+    broadcast from replica 0 runs check() first too.
+    """
 
     def __init__(self):
         from qsr_ds import averager
 
         self.unchanged: list[bool] = []
-        orig = averager.ReplicaAverager.average
         probe = self
 
-        def average(self, step=None):
-            before = [t.detach().clone() for _, t in self.named]
-            try:
-                return orig(self, step)
-            except Exception:
-                probe.unchanged.append(all(_bits(a) == _bits(t) for a, (_, t) in zip(before, self.named)))
-                raise
+        def wrap(orig):
+            def call(self, *args, **kwargs):
+                before = [t.detach().clone() for _, t in self.named]
+                try:
+                    return orig(self, *args, **kwargs)
+                except Exception:
+                    probe.unchanged.append(all(_bits(a) == _bits(t) for a, (_, t) in zip(before, self.named)))
+                    raise
 
-        averager.ReplicaAverager.average = average
+            return call
+
+        averager.ReplicaAverager.check = wrap(averager.ReplicaAverager.check)
+        averager.ReplicaAverager.average = wrap(averager.ReplicaAverager.average)
 
 
 def _bits(t) -> bytes:
@@ -314,8 +321,9 @@ def test_replica_disagreement_raises_on_every_rank_naming_the_replica(results, c
 
 
 def test_no_rank_is_half_averaged_by_a_refused_round(results):
-    # one refused round per rank for each of steps and nan: every tensor bitwise unchanged
-    assert _all(results, "unchanged") == [[True] * 2] * 4
+    # one refusal per rank for each of deeper and reordered (at start-up), steps and nan (at a round):
+    # every tensor bitwise unchanged
+    assert _all(results, "unchanged") == [[True] * 4] * 4
 
 
 def test_nan_in_the_forward_pass_is_skipped_by_deepspeed_and_replicas_still_agree(results):
