@@ -93,10 +93,14 @@ class OverlappedRound:
     Built from a ReplicaAverager (its tensors, copies, topology, back-ends and bucket plan);
     one round is in flight at most. The caller decides when: ``start(step)`` at the boundary,
     ``finish(step + overlap_steps)`` later, then refresh whatever the engine derives from the
-    averaged tensors beyond ``copies``.
+    averaged tensors beyond ``copies``. ``segment_mb``: the largest piece of the snapshot
+    all-reduced at once (MiB of fp32), capped by the averager's bucket; two scratch buffers of
+    that size are all the memory beyond the snapshot.
     """
 
-    def __init__(self, averager: ReplicaAverager, *, overlap_steps: int) -> None:
+    def __init__(self, averager: ReplicaAverager, *, overlap_steps: int, segment_mb: float = 64.0) -> None:
+        if not segment_mb > 0:
+            raise ValueError(f"segment_mb must be > 0, got {segment_mb!r}")
         if isinstance(overlap_steps, bool) or not isinstance(overlap_steps, int) or overlap_steps < 1:
             raise ValueError(f"overlap_steps must be an integer >= 1 (0 is the blocking round), got {overlap_steps!r}")
         cls = type(averager)
@@ -108,12 +112,15 @@ class OverlappedRound:
         self.averager = averager
         self.overlap_steps = overlap_steps
         self.devices: list[_DeviceSnapshot] = []
+        # the averager's bucket may be as large as its flat shards (all-reduced in place by a blocking
+        # round); a snapshot goes out in segments of at most segment_mb, so scratch stays small
+        segment_numel = min(averager.bucket_numel, max(1, int(segment_mb * 2**20) // FP32_BYTES))
         if averager.num_replicas > 1:
             for device, index in averager.flat_units().items():
                 sizes = [b.numel for b in averager.buckets if b.device == device]
                 need = (max(sizes, default=0), min(2, len(sizes)))
                 snap = _DeviceSnapshot(device, [averager.named[i][1] for i in index],
-                                       [averager.copy_of[i] for i in index], averager.bucket_numel, need)
+                                       [averager.copy_of[i] for i in index], segment_numel, need)
                 if snap.numel:
                     self.devices.append(snap)
                     averager._scratch[device] = snap.scratch  # shared with blocking rounds, never both at once

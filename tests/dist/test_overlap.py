@@ -194,6 +194,20 @@ def _resume_worker(rank, world):
         overlap_c.start(21)
     overlap_c.finish()
 
+    # flat fp32 shards whose averager bucket spans them all (a blocking round all-reduces them in
+    # place): the snapshot still goes out in segment_mb pieces, two buffers of scratch
+    flat = torch.randn(100_000, generator=torch.Generator().manual_seed(rank))
+    everyone = torch.stack([torch.randn(100_000, generator=torch.Generator().manual_seed(r)) for r in range(world)])
+    flat_averager = ReplicaAverager([("flat", flat)], topology=topo, bucket_mb=8 * 100_000 / 2**20, kernel="torch")
+    flat_overlap = OverlappedRound(flat_averager, overlap_steps=1, segment_mb=0.1)
+    assert flat_overlap.peak_extra_bytes == 4 * (100_000 + 2 * 26_214)
+    assert flat_overlap.start(3).buckets == 4
+    flat_overlap.finish(4)
+    mean, x_s = everyone.double().mean(0), everyone[rank].double()
+    assert ((flat.double() - mean).abs() <= torch.finfo(torch.float32).eps * ((mean - x_s).abs() + mean.abs())).all()
+    with pytest.raises(ValueError, match="segment_mb must be > 0"):
+        OverlappedRound(flat_averager, overlap_steps=1, segment_mb=0)
+
     # one replica (R = 1): nothing to send, nothing held, nothing changes
     one = Topology.create(world)
     named_one = [(n, t.clone()) for n, t in init]
