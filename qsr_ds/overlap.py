@@ -141,6 +141,11 @@ class OverlappedRound:
         return self._apply_step
 
     @property
+    def segments(self) -> int:
+        """Pieces the snapshot is all-reduced in (``buckets`` of the round's stats)."""
+        return sum(-(-d.numel // d.segment_numel) for d in self.devices)
+
+    @property
     def peak_extra_bytes(self) -> int:
         """Bytes this rank holds for overlapped rounds: the fp32 snapshot of every averaged tensor
         plus the scratch buckets, which replace (do not add to) the blocking round's scratch."""
@@ -164,9 +169,9 @@ class OverlappedRound:
             verdict = self.averager.check(step, what=f"overlapped sync round {round_no}", lr=lr)
         else:
             t0 -= verdict.wait_s  # the round's time includes its pre-check wherever it ran
-        stats = OverlapStats(tensors=len(self.averager.named), buckets=sum(-(-d.numel // d.segment_numel)
-                             for d in self.devices), lr=verdict.lr, check_s=verdict.wait_s,
-                             overlap_steps=self.overlap_steps, started_step=step, apply_step=step + self.overlap_steps)
+        stats = OverlapStats(tensors=len(self.averager.named), buckets=self.segments, lr=verdict.lr,
+                             check_s=verdict.wait_s, overlap_steps=self.overlap_steps, started_step=step,
+                             apply_step=step + self.overlap_steps)
         t1 = time.perf_counter()
         for dev in self.devices:
             self.averager._scratch.pop(dev.device, None)  # a blocking round meanwhile gets its own buffers
@@ -294,7 +299,7 @@ class OverlappedRound:
             dev.snapshot.copy_(corr)
         self.started_step, self._apply_step = int(state["started_step"]), int(state["apply_step"])
         self.round_no, self._error, self._thread = int(state["round"]), None, None
-        self._stats = OverlapStats(tensors=len(self.averager.named), lr=state.get("lr"),
+        self._stats = OverlapStats(tensors=len(self.averager.named), buckets=self.segments, lr=state.get("lr"),
                                    bytes=FP32_BYTES * sum(d.numel for d in self.devices),
                                    overlap_steps=self._apply_step - self.started_step,
                                    started_step=self.started_step, apply_step=self._apply_step)
