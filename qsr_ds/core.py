@@ -88,6 +88,8 @@ class SyncCore:
         self._averaged_key: list | None = None
         self.overlap = None
         """The OverlappedRound of this run (qsr_ds/overlap.py), once an overlapped round started."""
+        self._saved_compression: dict | None = None  # anchors and residuals from a checkpoint, until the next round
+        self._anchors_from_tensors = False
         self.last_round: RoundStats | None = None
         """The round the latest after_steps() ran, else None."""
 
@@ -109,6 +111,11 @@ class SyncCore:
     @property
     def num_replicas(self) -> int:
         return self.topology.num_replicas
+
+    @property
+    def round_in_flight(self) -> bool:
+        """An overlapped round's all-reduce is running behind training (its correction not yet applied)."""
+        return self.overlap is not None and self.overlap.in_flight
 
     def after_steps(self, count: int = 1) -> RoundStats | None:
         """Count ``count`` completed optimizer steps; runs the round the last of them closes.
@@ -133,14 +140,42 @@ class SyncCore:
             bucket_mb = self.settings.bucket_mb
             if plan.flat_numel:  # flat fp32 shards: all-reduce every one of them in place, no packing
                 bucket_mb = min(bucket_mb, 8 * plan.flat_numel / 2**20)
-            self.averager = ReplicaAverager(
-                plan.tensors, topology=self.topology, copies=plan.copies, bucket_mb=bucket_mb,
-                kernel=self.settings.kernel, check_finite=self.settings.check_finite,
-                signature=plan.signature, scan=plan.scan,
-            )
+            kwargs = dict(topology=self.topology, copies=plan.copies, bucket_mb=bucket_mb, kernel=self.settings.kernel,
+                          check_finite=self.settings.check_finite, signature=plan.signature, scan=plan.scan)
+            previous = self.averager
+            if self.settings.compress and self.num_replicas > 1:
+                from .compress import CompressedAverager
+
+                self.averager = CompressedAverager(plan.tensors, mode=self.settings.compress, **kwargs)
+                self._carry_anchors(previous)
+            else:
+                self.averager = ReplicaAverager(plan.tensors, **kwargs)
             self.averager.totals = self.totals
             self._averaged_key = plan.key
         return self.averager
+
+    def _carry_anchors(self, previous) -> None:
+        """Anchors must hold the same bits on every replica: a tensor keeps its anchor and residual
+        across a rebuild (or from a checkpoint); one new since the last round starts from a zero anchor
+        (optimizer state appearing after step 1). Built at start-up, right after the broadcast from
+        replica 0, the anchors are the replicas' common weights."""
+        carried = self._saved_compression if previous is None else previous.state_dict()
+        self._saved_compression = None
+        if carried is None:
+            if not self._anchors_from_tensors:
+                for anchor in self.averager.anchors:
+                    anchor.zero_()
+            self._anchors_from_tensors = False
+            return
+        with torch.no_grad():
+            for (name, _), anchor, residual in zip(self.averager.named, self.averager.anchors, self.averager.residuals):
+                old_anchor, old_residual = carried["anchors"].get(name), carried["residuals"].get(name)
+                if old_anchor is None or old_anchor.shape != anchor.shape:
+                    anchor.zero_()
+                    continue
+                anchor.copy_(old_anchor)
+                if residual is not None and old_residual is not None:
+                    residual.copy_(old_residual)
 
     def _close_round(self, step: int) -> RoundStats:
         """The step that closes a round: pre-check (agreeing replica 0's LR), decide the next H from it,
@@ -185,7 +220,7 @@ class SyncCore:
         """Average the replicas now (every rank must call it), then refresh the engine; the tracker is
         not moved. ``step``: completed optimizer steps, checked equal on every replica (default: the
         tracker's). ``lr``: this replica's learning rate; ``stats.lr`` is replica 0's."""
-        if self.overlap is not None and self.overlap.in_flight:
+        if self.round_in_flight:
             self._finish_overlapped()
         plan = self.sync_plan()
         averager = self._averager_for(plan)
@@ -213,10 +248,13 @@ class SyncCore:
             dist.broadcast(tensor, group=self.topology.replica_group, group_src=0)
         if self.topology.replica_index != 0:
             plan.refresh()
+        if self.settings.compress:  # anchors from the weights every replica now shares
+            self._anchors_from_tensors = True
+            self._averager_for(self.sync_plan())
 
     # -- checkpoints ----------------------------------------------------------------------
     def qsr_state_dict(self) -> dict:
-        """Plain values: format, R, S, the tracker and the totals."""
+        """Plain values: format, R, S, the tracker and the totals (the same on every rank of a replica)."""
         return checkpoint.state_dict(self.tracker, self.totals, self.topology)
 
     def load_qsr_state_dict(self, state: dict, source: str = "checkpoint") -> None:
@@ -226,7 +264,29 @@ class SyncCore:
         self.totals.load_state_dict(state.get("totals") or {})
         self.forget_tensors()
 
+    def qsr_tensor_state(self) -> dict:
+        """This rank's own tensors resume needs: a round in flight (its correction) and the compressed
+        rounds' anchors and residuals. Empty when neither is on. Per rank: save it per rank."""
+        state = {}
+        if self.round_in_flight:
+            state["overlap"] = self.overlap.state_dict()
+        if self.settings.compress and self.averager is not None and hasattr(self.averager, "anchors"):
+            state["compress"] = {k: ({n: t.detach().cpu().clone() for n, t in v.items()} if isinstance(v, dict) else v)
+                                 for k, v in self.averager.state_dict().items()}
+        return state
+
+    def load_qsr_tensor_state(self, state: dict) -> None:
+        """Restore qsr_tensor_state() after the engine's own tensors were loaded (and the QSR state)."""
+        self.forget_tensors()
+        self._saved_compression = state.get("compress")
+        if state.get("overlap"):
+            averager = self._averager_for(self.sync_plan())
+            self._overlap_for(averager).load_state_dict(state["overlap"])
+
     def forget_tensors(self) -> None:
         """The engine replaced its tensors (a load): the next round builds its averager anew."""
+        if self.averager is not None and self._saved_compression is None and hasattr(self.averager, "anchors"):
+            self._saved_compression = self.averager.state_dict()
         self.averager = None
         self._averaged_key = None
+        self.overlap = None

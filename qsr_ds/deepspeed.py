@@ -154,10 +154,19 @@ class _QSREngineMixin:
         topology = self.qsr.topology
         state = self.qsr.state_dict()
         client_state["qsr"] = state
-        layout = ds_checkpoint.choose_layout(self, self.qsr, one_replica)
+        tensors = self.qsr.qsr_tensor_state()  # waits for a round in flight; per rank, so every replica writes
+        if tensors and one_replica:
+            raise ckpt.QSRCheckpointError(
+                f"{save_dir}: one_replica=True, but each rank holds its own QSR tensors (a round in flight or "
+                "compression residuals); save with one_replica=None or False"
+            )
+        layout = ds_checkpoint.choose_layout(self, self.qsr, False if tensors else one_replica)
         writer = ckpt.source_replica(layout, topology.replica_index)
         directory = ckpt.replica_dir(save_dir, writer)
         os.makedirs(directory, exist_ok=True)
+        if tensors:
+            os.makedirs(os.path.join(directory, tag), exist_ok=True)
+            torch.save(tensors, _tensor_file(directory, tag, topology))
         with ds_checkpoint.writes_discarded(self, writer != topology.replica_index):  # its collectives still run
             ok = super().save_checkpoint(directory, tag, client_state=client_state, save_latest=save_latest,
                                          exclude_frozen_parameters=exclude_frozen_parameters)
@@ -221,8 +230,15 @@ class _QSREngineMixin:
             except ckpt.QSRCheckpointError as err:
                 error = err
             ckpt.agree(error)
-        hook.averager = None  # optimizer state tensors were replaced: rebuild the averager's plan
+        # optimizer state tensors were replaced: the next round rebuilds its averager; a round saved in
+        # flight and compression anchors come back from this rank's own file
+        tensors = _tensor_file(directory, tag, topology)
+        hook.load_qsr_tensor_state(torch.load(tensors, weights_only=True) if os.path.isfile(tensors) else {})
         return path, client_state
+
+
+def _tensor_file(directory: str, tag: str, topology: Topology) -> str:
+    return os.path.join(directory, tag, f"qsr_tensors.shard{topology.shard_rank}.pt")
 
 
 _ENGINE_CLASSES: dict[type, type] = {}

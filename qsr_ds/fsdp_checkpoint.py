@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -34,6 +35,10 @@ CheckpointError = QSRCheckpointError  # the same error as DeepSpeed checkpoints 
 
 def _replica_key(qsr: FSDPQSR) -> str:
     return f"replica{qsr.topology.replica_index}"
+
+
+def _tensor_file(path) -> str:
+    return os.path.join(os.fspath(path), f"qsr_tensors.rank{dist.get_rank()}.pt")
 
 
 def _extra_key() -> str:
@@ -64,7 +69,10 @@ def save(path: str | os.PathLike, qsr: FSDPQSR, *, extra: dict | None = None) ->
         to_save[_extra_key()] = dict(extra)
     if qsr.lr_scheduler is not None:
         to_save["lr_scheduler"] = qsr.lr_scheduler.state_dict()
+    tensors = qsr.qsr_tensor_state()  # before DCP writes the model: waits for a round in flight
     dcp.save(to_save, checkpoint_id=os.fspath(path))
+    if tensors:  # this rank's round in flight / compression anchors: its own file, read back by this rank
+        torch.save(tensors, _tensor_file(path))
 
 
 def read_qsr_state(path: str | os.PathLike) -> dict:
@@ -108,6 +116,8 @@ def load(path: str | os.PathLike, qsr: FSDPQSR, *, extra: dict | None = None) ->
     if qsr.lr_scheduler is not None:
         qsr.lr_scheduler.load_state_dict(to_load["lr_scheduler"])
     qsr.load_state_dict(state, path)
+    tensors = _tensor_file(path)
+    qsr.load_qsr_tensor_state(torch.load(tensors, weights_only=True) if os.path.isfile(tensors) else {})
     return to_load.get(_extra_key())
 
 

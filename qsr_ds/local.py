@@ -49,6 +49,8 @@ class LocalOptimizer(SyncCore):
         kernel: str = "auto",
         check_finite: bool = True,
         flatten_params: bool = True,
+        overlap_steps: int = 0,
+        compress: str | None = None,
     ) -> None:
         self.optimizer = optimizer
         self.model = model
@@ -60,7 +62,8 @@ class LocalOptimizer(SyncCore):
             p.dtype == torch.float32 for p in params
         ):
             self.flat_params = flatten_into_buffer(params)
-        settings = SyncSettings(average=tuple(average), bucket_mb=bucket_mb, kernel=kernel, check_finite=check_finite)
+        settings = SyncSettings(average=tuple(average), bucket_mb=bucket_mb, kernel=kernel, check_finite=check_finite,
+                                overlap_steps=overlap_steps, compress=compress)
         super().__init__(schedule=schedule, topology=topology, settings=settings)
         self.start_from_replica0()
 
@@ -121,7 +124,8 @@ class LocalOptimizer(SyncCore):
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        state = {"optimizer": self.optimizer.state_dict(), "qsr": self.qsr_state_dict()}
+        state = {"optimizer": self.optimizer.state_dict(), "qsr": self.qsr_state_dict(),
+                 "qsr_tensors": self.qsr_tensor_state()}
         if self.lr_scheduler is not None:
             state["lr_scheduler"] = self.lr_scheduler.state_dict()
         return state
@@ -132,3 +136,4 @@ class LocalOptimizer(SyncCore):
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and "lr_scheduler" in state:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.load_qsr_tensor_state(state.get("qsr_tensors") or {})
