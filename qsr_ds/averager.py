@@ -304,6 +304,10 @@ class ReplicaAverager:
             units.setdefault(t.device, []).append(i)
         return units
 
+    def correction_scratch_numel(self, device: torch.device, segment_numel: int) -> int:
+        """fp32 elements per scratch buffer (two of them) that ``reduce_corrections`` needs on ``device``."""
+        return segment_numel
+
     def reduce_corrections(self, snapshot: Tensor, segment_numel: int, scratch: Sequence[Tensor],
                            stats: RoundStats) -> None:
         """Overlapped rounds: overwrite a device's flat fp32 snapshot x_s (``flat_units`` layout) with

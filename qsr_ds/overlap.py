@@ -57,21 +57,23 @@ class OverlapStats(RoundStats):
 class _DeviceSnapshot:
     """The flat fp32 snapshot, its segments' scratch and the (target, copy) views on one device."""
 
-    def __init__(self, device: torch.device, targets: list[Tensor], copies: list[Tensor | None], bucket_numel: int,
-                 averager_need: tuple[int, int]) -> None:
+    def __init__(self, averager: ReplicaAverager, device: torch.device, index: list[int], segment_cap: int) -> None:
         self.device = device
-        self.targets, self.copies = targets, copies
+        self.targets = [averager.named[i][1] for i in index]
+        self.copies = [averager.copy_of[i] for i in index]
         self.offsets, numel = [], 0
         for t in self.targets:
             self.offsets.append(numel)
             numel += t.numel()
         self.numel = numel
-        self.segment_numel = max(1, min(bucket_numel, numel))
+        self.segment_numel = max(1, min(segment_cap, numel))
         segments = -(-numel // self.segment_numel)
-        # the averager's blocking round uses these buffers too: big and many enough for both
-        need_numel, need_count = averager_need
-        self.scratch_numel = max(self.segment_numel, need_numel)
-        self.scratch_count = max(min(2, segments), need_count)
+        # the averager's blocking round uses these buffers too: big and many enough for both, and for
+        # what the averager's own reduce_corrections needs (e.g. a compressed round's wire bucket)
+        blocking = [b.numel for b in averager.buckets if b.device == device]
+        self.scratch_numel = max(self.segment_numel, max(blocking, default=0),
+                                 averager.correction_scratch_numel(device, self.segment_numel))
+        self.scratch_count = max(min(2, segments), min(2, len(blocking)))
         # zeros, not empty: the pages are committed now (an out-of-memory fails here, and the first
         # round does not pay for first-touch page faults on the training thread)
         self.snapshot = torch.zeros(numel, dtype=torch.float32, device=device)
@@ -117,10 +119,7 @@ class OverlappedRound:
         segment_numel = min(averager.bucket_numel, max(1, int(segment_mb * 2**20) // FP32_BYTES))
         if averager.num_replicas > 1:
             for device, index in averager.flat_units().items():
-                sizes = [b.numel for b in averager.buckets if b.device == device]
-                need = (max(sizes, default=0), min(2, len(sizes)))
-                snap = _DeviceSnapshot(device, [averager.named[i][1] for i in index],
-                                       [averager.copy_of[i] for i in index], segment_numel, need)
+                snap = _DeviceSnapshot(averager, device, index, segment_numel)
                 if snap.numel:
                     self.devices.append(snap)
                     averager._scratch[device] = snap.scratch  # shared with blocking rounds, never both at once

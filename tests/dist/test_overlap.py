@@ -208,6 +208,25 @@ def _resume_worker(rank, world):
     with pytest.raises(ValueError, match="segment_mb must be > 0"):
         OverlappedRound(flat_averager, overlap_steps=1, segment_mb=0)
 
+    # composes with compressed rounds: the correction is a' - x_s of a blocking compressed round
+    from qsr_ds.compress import CompressedAverager
+
+    live, twin = ([(n, t.clone()) for n, t in make_tensors(0, 0)] for _ in range(2))  # one anchor everywhere
+    compressed, blocking = (CompressedAverager(t, topology=topo, mode="int8", kernel="torch") for t in (live, twin))
+    local_step(live, rank, 0, 5)
+    local_step(twin, rank, 0, 5)
+    x_s = [t.clone() for _, t in live]
+    compressed_overlap = OverlappedRound(compressed, overlap_steps=1)
+    compressed_overlap.start(30)
+    local_step(live, rank, 0, 6)
+    x_local = [t.clone() for _, t in live]
+    compressed_overlap.finish(31)
+    blocking.average(step=30)
+    assert all(torch.equal(a, b) for a, b in zip(compressed.anchors, blocking.anchors))
+    for (name, t), (_, a_new), xs, xl in zip(live, twin, x_s, x_local):
+        if t.dtype == torch.float32:
+            assert torch.equal(t, (a_new - xs) + xl), name
+
     # one replica (R = 1): nothing to send, nothing held, nothing changes
     one = Topology.create(world)
     named_one = [(n, t.clone()) for n, t in init]
