@@ -22,6 +22,8 @@ results match the torch reference bit for bit.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -39,7 +41,7 @@ from .reference import ReferenceKernels
 BLOCK = 2048
 NUM_WARPS = 4
 FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_PLAN_CACHE_LIMIT = 256
+_PLAN_CACHE_LIMIT = 4096  # least recently used out; FSDP2 at 70B, S = 8 is ~550 buckets x (pack, unpack)
 
 
 @triton.jit
@@ -171,14 +173,16 @@ class TritonKernels:
         self.block = block
         self.num_warps = num_warps
         self._reference = ReferenceKernels()
-        self._plans: dict[tuple, object] = {}
+        self._plans: OrderedDict[tuple, object] = OrderedDict()
 
     def _plan(self, key: tuple, make):
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= _PLAN_CACHE_LIMIT:
-                self._plans.clear()
+                self._plans.popitem(last=False)
             plan = self._plans[key] = make()
+        else:
+            self._plans.move_to_end(key)
         return plan
 
     # -- pack -----------------------------------------------------------------------------
