@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import os
+import types
 
 import torch
 import torch.distributed as dist
@@ -26,7 +27,7 @@ from qsr_ds import checkpoint, fsdp_checkpoint
 from qsr_ds.config import QSRConfigError, read_json
 from qsr_ds.config import load as load_qsr
 from qsr_ds.ds_state import fingerprint
-from qsr_ds.fsdp import FSDPQSR, init_mesh, shard_model
+from qsr_ds.fsdp import FSDPQSR, default_blocks, init_mesh, shard_model, topology_of
 from qsr_ds.lr import lr_fn_from_deepspeed
 from qsr_ds.topology import TopologyError
 
@@ -45,6 +46,33 @@ class FunctionLR(torch.optim.lr_scheduler.LRScheduler):
         return {k: v for k, v in super().state_dict().items() if k != "lr_at"}
 
 
+class HSDPSteps:
+    """--hsdp: plain FSDP2 HSDP data parallel, no QSR rounds (a baseline for benchmarks).
+
+    fully_shard over the whole (replicate, shard) mesh reduce-scatters gradients inside a
+    replica and all-reduces them across replicas in every backward. This stands in for
+    FSDPQSR where FSDPTrainer reads it: it counts steps and steps the scheduler after each one.
+    """
+
+    averager = None
+    rounds = 0
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler, mesh, total_steps: int) -> None:
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.topology = topology_of(mesh)
+        schedule = types.SimpleNamespace(total_steps=total_steps, boundaries=lambda lr_at: [])
+        self.tracker = types.SimpleNamespace(schedule=schedule, completed_steps=0, current_h=1)
+        self.totals = types.SimpleNamespace(bytes=0, rounds=0, total_s=0.0, comm_s=0.0)
+        optimizer.register_step_post_hook(self._after_step)
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        self.scheduler.step()
+        self.tracker.completed_steps += 1
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+
 class FSDPTrainer:
     """The Trainer interface of train_gpt.py (see DeepSpeedTrainer there) on FSDP2 + FSDPQSR."""
 
@@ -52,7 +80,7 @@ class FSDPTrainer:
     zero_stage = 3  # fully_shard shards params, gradients and optimizer state, like ZeRO-3
 
     def __init__(self, args: argparse.Namespace, model: torch.nn.Module) -> None:
-        from torch.distributed.fsdp import MixedPrecisionPolicy
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         self.source = args.deepspeed_config
         config = read_json(self.source)
@@ -75,7 +103,14 @@ class FSDPTrainer:
         self.clip = float(config.get("gradient_clipping", 0.0) or 0.0)
         self.bf16 = bool((config.get("bf16") or {}).get("enabled", False))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 else MixedPrecisionPolicy()
-        self.model = shard_model(model.to(self.device), self.mesh, mp_policy=mp)
+        self.hsdp = bool(getattr(args, "hsdp", False))
+        if self.hsdp:  # every block, then the root, over the 2-D mesh: HSDP
+            model = model.to(self.device)
+            for block in default_blocks(model):
+                fully_shard(block, mesh=self.mesh, mp_policy=mp)
+            self.model = fully_shard(model, mesh=self.mesh, mp_policy=mp)
+        else:
+            self.model = shard_model(model.to(self.device), self.mesh, mp_policy=mp)
 
         opt_section = config.get("optimizer") or {"type": "AdamW", "params": {}}
         if opt_section.get("type", "AdamW").lower() not in ("adamw", "adam"):
@@ -91,7 +126,10 @@ class FSDPTrainer:
         # built after fully_shard: the optimizer must hold the sharded (DTensor) parameters
         self.optimizer = torch.optim.AdamW(param_groups(self.model, weight_decay), lr=self.lr_at(0), **kwargs)
         self.scheduler = FunctionLR(self.optimizer, self.lr_at)
-        self.qsr = FSDPQSR(self.model, self.optimizer, mesh=self.mesh, qsr=qsr_config, lr_scheduler=self.scheduler)
+        if self.hsdp:
+            self.qsr = HSDPSteps(self.optimizer, self.scheduler, self.mesh, qsr_config.total_steps)
+        else:
+            self.qsr = FSDPQSR(self.model, self.optimizer, mesh=self.mesh, qsr=qsr_config, lr_scheduler=self.scheduler)
         topo = self.qsr.topology
         self.replica, self.shard = topo.replica_index, topo.shard_rank
         self.num_replicas, self.ranks_per_replica = topo.num_replicas, topo.ranks_per_replica
@@ -166,4 +204,4 @@ class FSDPTrainer:
         return fingerprint([(name, p.full_tensor().cpu()) for name, p in self.model.named_parameters()])
 
     def describe(self) -> str:
-        return f"FSDP2 fully_shard{' bf16' if self.bf16 else ''}"
+        return f"FSDP2 {'HSDP (no QSR)' if self.hsdp else 'fully_shard'}{' bf16' if self.bf16 else ''}"

@@ -46,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="build the model under qsr_ds.zero_init (ZeRO-3: parameters partitioned as they are created)")
     p.add_argument("--fsdp", action="store_true",
                    help="FSDP2 inside each replica instead of DeepSpeed (same JSON, data and summary; needs torchrun)")
+    p.add_argument("--hsdp", action="store_true",
+                   help="with --fsdp: plain FSDP2 HSDP data parallel over the replicas, no QSR (a benchmark baseline)")
     p.add_argument("--steps", type=int, help="stop after this many optimizer steps (default: qsr.total_steps)")
     p.add_argument("--save-dir", help="checkpoint directory")
     p.add_argument("--save-every", type=int, default=0, help="save every N steps (and at the end) when > 0")
@@ -62,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.resume and not args.save_dir:
         p.error("--resume needs --save-dir")
+    if args.hsdp and (not args.fsdp or args.save_dir):
+        p.error("--hsdp needs --fsdp and takes no --save-dir")
     if args.zero_init and args.fsdp:
         p.error("--zero-init is for DeepSpeed ZeRO-3, not --fsdp")
     return args
