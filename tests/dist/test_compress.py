@@ -242,7 +242,7 @@ def _drift_worker(rank, world, rounds, route):
         for feedback in (True, False):
             x = start.clone()
             avg = CompressedAverager([("x", x)], topology=topo, mode=mode, block=BLOCK, error_feedback=feedback,
-                                     route=route, bucket_mb=0.001)
+                                     route=route)
             for k in range(rounds):
                 x.add_(steps[topo.replica_index])
                 avg.average(step=k)
@@ -277,14 +277,21 @@ def test_error_feedback_keeps_1000_rounds_bounded(replicas, route):
     assert all(res == results[0] for res in results)
 
 
-def _bad_input_worker(rank, world):
+def _edge_worker(rank, world):
     from qsr_ds.compress import CompressedAverager
     from qsr_ds.topology import Topology
 
     topo = Topology.create(1)
-    named = [("x", torch.ones(10))]
+    # owner route, a bucket smaller than R blocks: replica 1 owns an empty segment
+    small = [("x", torch.arange(10.0))]
+    owner = CompressedAverager(small, topology=topo, mode="int8", block=BLOCK, route="owner")
+    assert [s.numel for s in owner.wire[0].segments] == [10, 0]
+    small[0][1].add_(rank)
+    owner.average(step=0)
+    mean = small[0][1].clone()
     errors = []
-    for kwargs in ({"mode": "fp8"}, {"block": 0}, {"block": 5000}):
+    named = [("x", torch.ones(10))]
+    for kwargs in ({"mode": "fp8"}, {"block": 0}, {"block": 5000}, {"route": "ring"}):
         try:
             CompressedAverager(named, topology=topo, **kwargs)
         except ValueError as err:
@@ -299,14 +306,18 @@ def _bad_input_worker(rank, world):
         except ValueError as err:
             errors.append(str(err))
     assert torch.equal(avg.anchors[0], anchors_before)
-    return errors
+    return errors, mean
 
 
-def test_bad_arguments_and_states_are_refused_by_name():
-    errors = run_ranks(_bad_input_worker, 2)[0]
+def test_empty_owner_segment_and_bad_arguments():
+    (errors, mean), (_, other) = run_ranks(_edge_worker, 2)
+    assert torch.equal(mean, other)
+    # d = rank: replica 1's q is exact, so only the owner's re-quantization of 0.5 can round
+    assert (mean - (torch.arange(10.0) + 0.5)).abs().max() <= INT8_STEP * 0.5 / 127
     assert errors[0] == "compress mode 'fp8' is not one of bf16, int8"
     assert "block must be an integer in [1, 4096], got 0" in errors[1]
     assert "got 5000" in errors[2]
-    assert "has mode='bf16', this averager 'int8'" in errors[3]
-    assert "anchors missing ['x']" in errors[4]
-    assert "residuals['x'] is (11,)" in errors[5]
+    assert errors[3] == "compress route 'ring' is not one of gather, owner"
+    assert "has mode='bf16', this averager 'int8'" in errors[4]
+    assert "anchors missing ['x']" in errors[5]
+    assert "residuals['x'] is (11,)" in errors[6]
