@@ -51,38 +51,9 @@ from . import checkpoint as ckpt
 from . import ds_state
 from .config import QSRConfig, QSRConfigError, load as load_qsr_config, read_json
 from .core import SyncCore, SyncPlan
+from .ds_mpu import ReplicaMPU
 from .schedule import SyncTracker
 from .topology import Topology, check_divides
-
-
-class ReplicaMPU:
-    """DeepSpeed's model-parallel unit for one replica: data parallel = the shard group."""
-
-    def __init__(self, topology: Topology) -> None:
-        self.topology = topology
-        # a one-rank "model parallel" group; only its member takes part in creating it
-        self._model_parallel_group = dist.new_group([topology.rank], use_local_synchronization=True)
-
-    def get_data_parallel_group(self):
-        return self.topology.shard_group
-
-    def get_data_parallel_rank(self) -> int:
-        return self.topology.shard_rank
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.topology.ranks_per_replica
-
-    def get_data_parallel_group_ranks(self) -> list[int]:
-        return self.topology.shard_ranks
-
-    def get_model_parallel_group(self):
-        return self._model_parallel_group
-
-    def get_model_parallel_rank(self) -> int:
-        return 0
-
-    def get_model_parallel_world_size(self) -> int:
-        return 1
 
 
 class QSRHook(SyncCore):

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from .config import QSRConfigError, load as load_qsr_config
+from .ds_mpu import ReplicaMPU
 from .topology import Topology, check_divides
 
 _TOPOLOGIES: dict[tuple, tuple[object, Topology]] = {}
@@ -53,22 +54,6 @@ def shared_topology(ranks_per_replica: int, *, timeout_s: float | None = None) -
         entry = (dist.group.WORLD, Topology.create(ranks_per_replica, timeout_s=timeout_s))
         _TOPOLOGIES[key] = entry
     return entry[1]
-
-
-class _ReplicaMPU:
-    """What zero.Init's DeepSpeedConfig asks an mpu: the data-parallel world is the replica."""
-
-    def __init__(self, topology: Topology) -> None:
-        self.topology = topology
-
-    def get_data_parallel_group(self):
-        return self.topology.shard_group
-
-    def get_data_parallel_rank(self) -> int:
-        return self.topology.shard_rank
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.topology.ranks_per_replica
 
 
 class _GroupRankZeroComm:
@@ -142,7 +127,7 @@ def zero_init(config, **init_kwargs):
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     _check_world(dist.get_world_size(), qsr.ranks_per_replica, source)
     topology = shared_topology(qsr.ranks_per_replica, timeout_s=qsr.timeout_s)
-    init = deepspeed.zero.Init(data_parallel_group=topology.shard_group, mpu=_ReplicaMPU(topology),
+    init = deepspeed.zero.Init(data_parallel_group=topology.shard_group, mpu=ReplicaMPU(topology),
                                config_dict_or_path=config, **init_kwargs)
     return _ShardInit(init, topology)
 
