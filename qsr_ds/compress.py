@@ -237,9 +237,9 @@ class CompressedAverager(ReplicaAverager):
         q, scales = row_views(segment, row, self.int8)
         ps = segment.pieces
         self.backends[device].quantize(
-            self.mode, self.block, [view(sources[p.index], p) for p in ps], [view(self.anchors[p.index], p) for p in ps],
-            [view(self.residuals[p.index], p) for p in ps], q, scales, [p.offset for p in ps],
-            [p.block_offset for p in ps])
+            self.mode, self.block, [view(sources[p.index], p) for p in ps],
+            [view(self.anchors[p.index], p) for p in ps], [view(self.residuals[p.index], p) for p in ps], q, scales,
+            [p.offset for p in ps], [p.block_offset for p in ps])
 
     def _apply(self, segment, rows: Tensor, device, inv_count: float, sources, outputs, copies, temp) -> None:
         """a' = a + (sum of the rows' dequantized segment) * inv_count into outputs, anchors and copies,

@@ -84,7 +84,8 @@ def _inputs(sizes, block, dtype, device, seed):
     xs = [(torch.randn(n, generator=gen, dtype=torch.float64) * 3).to(dtype) for n in sizes]
     big = xs[5]
     big[:block] = 0  # d = 0: a zero block (anchor and residual are 0 there, see below)
-    big[block: 2 * block] = (torch.linspace(1e-37, 2e-37, block) * (-1) ** torch.arange(block)).to(dtype) if dtype != torch.float16 else 0
+    tiny = torch.linspace(1e-37, 2e-37, block) * (-1) ** torch.arange(block)  # (zeros in fp16)
+    big[block: 2 * block] = tiny.to(dtype)
     anchors = [x + (torch.randn(x.shape, generator=gen) * 0.01).to(dtype) for x in xs]
     anchors[5][: 2 * block] = 0
     if dtype == torch.float32:
@@ -133,7 +134,8 @@ def test_error_bounds(backend_name, request):
     gen = torch.Generator().manual_seed(1)
     block = 256
     # blocks of very different magnitudes, so a global scale would lose the small ones
-    d = torch.randn(40 * block + 17, generator=gen) * torch.logspace(-6, 3, 41).repeat_interleave(block)[: 40 * block + 17]
+    n = 40 * block + 17
+    d = torch.randn(n, generator=gen) * torch.logspace(-6, 3, 41).repeat_interleave(block)[:n]
     for mode in ("int8", "bf16"):
         q, scales, (e,) = _run_quantize(backend, mode, block, [d], [None], [torch.zeros_like(d)], d.device)
         if mode == "int8":
@@ -197,8 +199,9 @@ def test_non_finite_policy(fused, bad):
     poisoned[block + 5] = bad
     for be, dev in ((REFERENCE, torch.device("cpu")), (backend, device)):
         for mode in ("int8", "bf16"):
-            q0, s0, (e0,) = _run_quantize(be, mode, block, [clean.to(dev)], [None], [torch.zeros(clean.numel(), device=dev)], dev)
-            q1, s1, (e1,) = _run_quantize(be, mode, block, [poisoned.to(dev)], [None], [torch.zeros(clean.numel(), device=dev)], dev)
+            zeros = torch.zeros(clean.numel(), device=dev)
+            q0, s0, (e0,) = _run_quantize(be, mode, block, [clean.to(dev)], [None], [zeros], dev)
+            q1, s1, (e1,) = _run_quantize(be, mode, block, [poisoned.to(dev)], [None], [zeros], dev)
             hit = slice(block, 2 * block)
             rest = torch.ones(clean.numel(), dtype=torch.bool)
             rest[hit] = False
