@@ -208,7 +208,9 @@ class SyncCore:
         from .overlap import OverlappedRound
 
         if self.overlap is None or self.overlap.averager is not averager:
-            self.overlap = OverlappedRound(averager, overlap_steps=self.settings.overlap_steps)
+            # segments of at most bucket_mb: the averager's bucket may be widened to whole flat shards
+            self.overlap = OverlappedRound(averager, overlap_steps=self.settings.overlap_steps,
+                                           segment_mb=self.settings.bucket_mb)
         return self.overlap
 
     def _finish_overlapped(self) -> RoundStats:
