@@ -24,6 +24,7 @@ import torch.distributed as dist
 from gpt import param_groups
 
 from qsr_ds import checkpoint, fsdp_checkpoint
+from qsr_ds.averager import round_split
 from qsr_ds.config import QSRConfigError, read_json
 from qsr_ds.config import load as load_qsr
 from qsr_ds.ds_state import fingerprint
@@ -196,8 +197,8 @@ class FSDPTrainer:
     def report(self) -> dict:
         totals, averager = self.qsr.totals, self.qsr.averager
         return {"replica": self.replica, "shard": self.shard, "bytes": totals.bytes, "rounds": totals.rounds,
-                "sync_s": totals.total_s, "comm_s": totals.comm_s,
-                "bytes_per_round": averager.bytes_per_round if averager else 0}
+                "sync_s": totals.total_s, "bytes_per_round": averager.bytes_per_round if averager else 0,
+                **round_split(totals)}
 
     def fingerprint(self) -> str:
         """sha256 of this replica's full fp32 params (gathered over the shard group; summary only)."""

@@ -34,6 +34,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpt import GPT, ByteCorpus, GPTConfig, param_groups  # noqa: E402
 
+from qsr_ds.averager import ROUND_PARTS, round_split  # noqa: E402
+
 EVAL_BATCHES = 8
 
 
@@ -184,7 +186,7 @@ class DeepSpeedTrainer:
         totals = self.qsr.totals
         bytes_per_round = self.qsr.averager.bytes_per_round if self.qsr.averager else 0
         return {"replica": self.replica, "shard": self.shard, "bytes": totals.bytes, "rounds": totals.rounds,
-                "sync_s": totals.total_s, "comm_s": totals.comm_s, "bytes_per_round": bytes_per_round}
+                "sync_s": totals.total_s, "bytes_per_round": bytes_per_round, **round_split(totals)}
 
     def fingerprint(self) -> str:
         from qsr_ds.ds_state import fingerprint, full_fp32_params
@@ -336,6 +338,9 @@ def _summary(args, trainer, reports, state, steps, final_loss, last_train_loss, 
         "bytes_across_replicas": sum(r["bytes"] for r in replica0),
         "bytes_data_parallel": steps * bytes_per_round,
         "sync_seconds": rank0["sync_s"],
+        # where the rounds' time went on rank 0: waiting in the pre-check for the slowest replica,
+        # all-reduce waits, packing / unpacking, refreshing the engine's copies inside the replica
+        "sync_split_seconds": {k: rank0[k] for k in ROUND_PARTS},
         "seconds_per_round": rank0["sync_s"] / rank0["rounds"] if rank0["rounds"] else None,
         "seconds_per_step": state["train_s"] / state["steps_timed"] if state["steps_timed"] else None,
         "train_seconds_this_run": state["train_s"],
@@ -357,6 +362,9 @@ def _print_summary(s: dict) -> None:
         f"{s['bytes_data_parallel'] / 1e6:.1f} MB ({saved:.1%} less)",
         f"time in sync {s['sync_seconds']:.2f} s ({(s['seconds_per_round'] or 0) * 1e3:.1f} ms/round), "
         f"{(s['seconds_per_step'] or 0) * 1e3:.0f} ms/step",
+        "  of which " + ", ".join(f"{label} {s['sync_split_seconds'][key]:.2f} s" for key, label in (
+            ("check_s", "waiting for the slowest replica"), ("comm_s", "all-reduce"), ("pack_s", "pack"),
+            ("unpack_s", "unpack"), ("refresh_s", "refresh inside the replica"))),
         f"validation loss {s['first_loss']:.4f} -> {s['final_loss']:.4f} (last train loss {s['last_train_loss']:.4f})",
         "replica fingerprints (sha256 of fp32 params): "
         + ", ".join(f[:16] for f in s["replica_fingerprints"]) + (" (identical)" if same else " (DIFFER)"),

@@ -75,6 +75,14 @@ class AveragerTotals:
                 setattr(self, key, type(getattr(self, key))(value))
 
 
+ROUND_PARTS = ("check_s", "comm_s", "pack_s", "unpack_s", "refresh_s")
+
+
+def round_split(totals) -> dict[str, float]:
+    """Where rounds' time went, by part (0.0 for a part ``totals`` does not record)."""
+    return {key: float(getattr(totals, key, 0.0)) for key in ROUND_PARTS}
+
+
 @dataclass
 class _Bucket:
     device: torch.device
