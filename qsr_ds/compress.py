@@ -49,12 +49,15 @@ class CompressedAverager(ReplicaAverager):
     ``mode``: "bf16" or "int8". ``block``: elements per int8 scale. ``route``: "gather" or
     "owner" (see the module docstring). ``error_feedback``: keep what quantizing lost and send
     it next round (off only for experiments: the average then drifts by every round's
-    rounding). Other arguments as ReplicaAverager. The anchor is taken from the tensors now:
-    build this after replicas hold the same values (the start-up broadcast).
+    rounding). ``anchored``: the tensors hold the same values on every replica now (right
+    after the start-up broadcast, or a round) and become the anchor; otherwise (the default)
+    the first round is an exact fp32 average whose result becomes the anchor, so that an
+    averager built between rounds cannot leave the replicas with different anchors.
+    Other arguments as ReplicaAverager.
     """
 
     def __init__(self, tensors: Sequence[tuple[str, Tensor]], *, mode: str = "bf16", block: int = DEFAULT_BLOCK,
-                 route: str = "gather", error_feedback: bool = True, **kwargs) -> None:
+                 route: str = "gather", error_feedback: bool = True, anchored: bool = False, **kwargs) -> None:
         if mode not in MODES:
             raise ValueError(f"compress mode {mode!r} is not one of {', '.join(MODES)}")
         if isinstance(block, bool) or not isinstance(block, int) or not 1 <= block <= MAX_BLOCK:
@@ -63,6 +66,7 @@ class CompressedAverager(ReplicaAverager):
             raise ValueError(f"compress route {route!r} is not one of {', '.join(ROUTES)}")
         super().__init__(tensors, **kwargs)
         self.mode, self.block, self.route, self.error_feedback = mode, block, route, bool(error_feedback)
+        self.anchored = bool(anchored)
         self.int8 = mode == "int8"
         copies = dict(kwargs.get("copies") or {})
         self.copy_of = [copies.get(name) for name, _ in self.named]  # (the base class may set it too)
@@ -219,7 +223,9 @@ class CompressedAverager(ReplicaAverager):
         (overlapped rounds) a' goes into a temporary buffer and the sources get a' - source."""
         buckets = [(k, b) for k, b in enumerate(self.wire) if device is None or b.device == device]
         try:
-            if self.route == "gather":
+            if not self.anchored:
+                self._exact_round(buckets, sources, outputs, copies, stats, temps)
+            elif self.route == "gather":
                 self._gather_round(buckets, sources, outputs, copies, stats, temps)
             else:
                 for k, bucket in buckets:
@@ -231,6 +237,33 @@ class CompressedAverager(ReplicaAverager):
                 f"tensors may be partly averaged, resume from the last checkpoint: {err}") from err
         if any(d.type == "cuda" for d in self.backends):
             torch.cuda.synchronize()
+
+    def _exact_round(self, buckets, sources, outputs, copies, stats: RoundStats, temps) -> None:
+        """The first round of an averager not built ``anchored``: the exact fp32 mean (x / R packed,
+        all-reduced, as ReplicaAverager does), written to x (or the correction), copies and anchors."""
+        group, r = self.topology.replica_group, self.num_replicas
+        for _, bucket in buckets:
+            backend, ps = self.backends[bucket.device], bucket.pieces
+            offsets = [p.offset for p in ps]
+            buf = torch.empty(bucket.numel, dtype=torch.float32, device=bucket.device)
+            t0 = time.perf_counter()
+            backend.pack([view(sources[p.index], p) for p in ps], buf, offsets, 1.0 / r)
+            t1 = time.perf_counter()
+            dist.all_reduce(buf, group=group)
+            t2 = time.perf_counter()
+            backend.unpack(buf, [view(self.anchors[p.index], p) for p in ps], offsets, [None] * len(ps))
+            if temps is None:
+                backend.unpack(buf, [view(outputs[p.index], p) for p in ps], offsets,
+                               [view(copies[p.index], p) for p in ps])
+            else:
+                for p in ps:
+                    snap = view(sources[p.index], p)
+                    torch.sub(buf[p.offset: p.offset + p.numel], snap, out=snap)
+            stats.pack_s += t1 - t0
+            stats.comm_s += t2 - t1
+            stats.unpack_s += time.perf_counter() - t2
+        stats.bytes = FP32_BYTES * sum(b.numel for _, b in buckets)
+        self.anchored = True
 
     def _quantize(self, segment, sources, row: Tensor, device) -> None:
         """q(source - a + e) of a segment's pieces into ``row`` (uint8, starting at the segment)."""
@@ -329,6 +362,7 @@ class CompressedAverager(ReplicaAverager):
         References, as nn.Module.state_dict returns; every replica's differ only in the residuals.
         """
         return {"mode": self.mode, "block": self.block, "route": self.route, "error_feedback": self.error_feedback,
+                "anchored": self.anchored,
                 "anchors": {name: a for (name, _), a in zip(self.named, self.anchors)},
                 "residuals": {name: r for (name, _), r in zip(self.named, self.residuals) if r is not None},
                 "owner_residuals": {str(k): f for k, f in enumerate(self.owner_residuals) if f is not None}}
@@ -357,3 +391,4 @@ class CompressedAverager(ReplicaAverager):
             for what, mine in self._state_tables():
                 for name, t in mine:
                     t.copy_(state[what][name])
+        self.anchored = bool(state.get("anchored", True))

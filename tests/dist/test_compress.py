@@ -66,7 +66,7 @@ def _run_rounds(topo, mode, route, kernel, bucket_mb, rounds, world, check_bound
     named = [(n, t.clone()) for n, t in _start_tensors()]
     copies = {"w": torch.zeros(40, 30, dtype=torch.bfloat16), "big": torch.zeros(5000, dtype=torch.float16)}
     avg = CompressedAverager(named, topology=topo, mode=mode, route=route, block=BLOCK, kernel=kernel,
-                             bucket_mb=bucket_mb, copies=copies)
+                             bucket_mb=bucket_mb, copies=copies, anchored=True)
     history, saved = [], None
     for k in range(rounds):
         if k == 2:  # what a checkpoint after round 2 holds
@@ -134,7 +134,7 @@ def _rounds_worker(rank, world, route):
         named = [(n, values[n]) for n, _ in _start_tensors()]
         copies = {"w": torch.zeros(40, 30, dtype=torch.bfloat16), "big": torch.zeros(5000, dtype=torch.float16)}
         resumed = CompressedAverager(named, topology=topo, mode=mode, route=route, block=BLOCK, kernel=fused,
-                                     bucket_mb=0.005, copies=copies)
+                                     bucket_mb=0.005, copies=copies)  # not anchored: the state says so
         resumed.load_state_dict(state)
         again = []
         for k in (2, 3):
@@ -145,8 +145,8 @@ def _rounds_worker(rank, world, route):
         # exchange on snapshots gives what average gives, and leaves the live tensors alone
         live = [(n, t.clone()) for n, t in _start_tensors()]
         twin = [(n, t.clone()) for n, t in _start_tensors()]
-        a = CompressedAverager(live, topology=topo, mode=mode, route=route, block=BLOCK, kernel=fused)
-        b = CompressedAverager(twin, topology=topo, mode=mode, route=route, block=BLOCK, kernel=fused)
+        a = CompressedAverager(live, topology=topo, mode=mode, route=route, block=BLOCK, kernel=fused, anchored=True)
+        b = CompressedAverager(twin, topology=topo, mode=mode, route=route, block=BLOCK, kernel=fused, anchored=True)
         _drift(live, topo.replica_index, 0)
         _drift(twin, topo.replica_index, 0)
         snapshots = [t.clone() for _, t in twin]
@@ -159,7 +159,7 @@ def _rounds_worker(rank, world, route):
         # overlapped rounds: reduce_corrections leaves a' - x_s in a flat fp32 snapshot
         third = [(n, t.clone()) for n, t in _start_tensors()]
         c = CompressedAverager(third, topology=topo, mode=mode, route=route, block=BLOCK, kernel=fused,
-                               bucket_mb=0.005)
+                               bucket_mb=0.005, anchored=True)
         _drift(third, topo.replica_index, 0)
         snapshot = torch.cat([t.reshape(-1).float() for _, t in third])
         x_s = snapshot.clone()
@@ -242,7 +242,7 @@ def _drift_worker(rank, world, rounds, route):
         for feedback in (True, False):
             x = start.clone()
             avg = CompressedAverager([("x", x)], topology=topo, mode=mode, block=BLOCK, error_feedback=feedback,
-                                     route=route)
+                                     route=route, anchored=True)
             for k in range(rounds):
                 x.add_(steps[topo.replica_index])
                 avg.average(step=k)
@@ -284,11 +284,26 @@ def _edge_worker(rank, world):
     topo = Topology.create(1)
     # owner route, a bucket smaller than R blocks: replica 1 owns an empty segment
     small = [("x", torch.arange(10.0))]
-    owner = CompressedAverager(small, topology=topo, mode="int8", block=BLOCK, route="owner")
+    owner = CompressedAverager(small, topology=topo, mode="int8", block=BLOCK, route="owner", anchored=True)
     assert [s.numel for s in owner.wire[0].segments] == [10, 0]
     small[0][1].add_(rank)
     owner.average(step=0)
     mean = small[0][1].clone()
+    # not anchored (built between rounds, replicas differ): the first round is the exact fp32 mean
+    from qsr_ds.averager import ReplicaAverager
+
+    gen = torch.Generator().manual_seed(rank)
+    start = [("w", torch.randn(300, generator=gen)), ("h", torch.randn(70, generator=gen).to(torch.bfloat16))]
+    exact = [(n, t.clone()) for n, t in start]
+    late = CompressedAverager(start, topology=topo, mode="int8", block=BLOCK)
+    stats = late.average(step=0)
+    ReplicaAverager(exact, topology=topo, kernel="torch").average(step=0)
+    assert all(torch.equal(t, e) for (_, t), (_, e) in zip(start, exact)), "first round is not the exact mean"
+    assert all(torch.equal(t.reshape(-1), a) for (_, t), a in zip(start, late.anchors))
+    assert stats.bytes == 4 * 370 and late.anchored
+    start[0][1].add_(0.01 * (rank + 1))
+    late.average(step=1)
+    digest = [t.float().sum().item() for _, t in start]
     errors = []
     named = [("x", torch.ones(10))]
     for kwargs in ({"mode": "fp8"}, {"block": 0}, {"block": 5000}, {"route": "ring"}):
@@ -306,12 +321,13 @@ def _edge_worker(rank, world):
         except ValueError as err:
             errors.append(str(err))
     assert torch.equal(avg.anchors[0], anchors_before)
-    return errors, mean
+    return errors, mean, digest
 
 
-def test_empty_owner_segment_and_bad_arguments():
-    (errors, mean), (_, other) = run_ranks(_edge_worker, 2)
+def test_empty_owner_segment_late_averager_and_bad_arguments():
+    (errors, mean, digest), (_, other, other_digest) = run_ranks(_edge_worker, 2)
     assert torch.equal(mean, other)
+    assert digest == other_digest  # the late averager's anchors agree: the next rounds stay identical
     # d = rank: replica 1's q is exact, so only the owner's re-quantization of 0.5 can round
     assert (mean - (torch.arange(10.0) + 0.5)).abs().max() <= INT8_STEP * 0.5 / 127
     assert errors[0] == "compress mode 'fp8' is not one of bf16, int8"
