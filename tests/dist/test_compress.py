@@ -304,6 +304,23 @@ def _edge_worker(rank, world):
     start[0][1].add_(0.01 * (rank + 1))
     late.average(step=1)
     digest = [t.float().sum().item() for _, t in start]
+    # composed with an overlapped round (qsr_ds/overlap.py): x = a' + this replica's own later steps
+    from qsr_ds.overlap import OverlappedRound
+
+    x0 = torch.randn(3000, generator=torch.Generator().manual_seed(5))
+    live, twin = [("x", x0.clone())], [("x", x0.clone())]
+    overlapped = CompressedAverager(live, topology=topo, mode="int8", block=BLOCK, anchored=True, bucket_mb=0.005)
+    blocking = CompressedAverager(twin, topology=topo, mode="int8", block=BLOCK, anchored=True, bucket_mb=0.005)
+    for t in (live[0][1], twin[0][1]):
+        t.add_(torch.randn(3000, generator=torch.Generator().manual_seed(rank)) * 0.01)
+    rounds = OverlappedRound(overlapped, overlap_steps=1, segment_mb=0.005)
+    rounds.start(0)
+    live[0][1].add_(1e-3 * (rank + 1))  # a local step while the round is in flight
+    rounds.finish(1)
+    blocking.average(step=0)
+    want = twin[0][1] + 1e-3 * (rank + 1)
+    assert torch.equal(overlapped.anchors[0], blocking.anchors[0])
+    assert (live[0][1] - want).abs().max() <= 4 * EPS32 * want.abs().max()  # x + (a' - x_s) vs a' + step
     errors = []
     named = [("x", torch.ones(10))]
     for kwargs in ({"mode": "fp8"}, {"block": 0}, {"block": 5000}, {"route": "ring"}):
