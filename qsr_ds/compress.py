@@ -49,15 +49,16 @@ class CompressedAverager(ReplicaAverager):
     ``mode``: "bf16" or "int8". ``block``: elements per int8 scale. ``route``: "gather" or
     "owner" (see the module docstring). ``error_feedback``: keep what quantizing lost and send
     it next round (off only for experiments: the average then drifts by every round's
-    rounding). ``anchored``: the tensors hold the same values on every replica now (right
-    after the start-up broadcast, or a round) and become the anchor; otherwise (the default)
-    the first round is an exact fp32 average whose result becomes the anchor, so that an
-    averager built between rounds cannot leave the replicas with different anchors.
+    rounding). ``anchored`` (default): the tensors hold the same values on every replica now
+    (right after the start-up broadcast or a round), or the caller sets the anchors (or loads
+    a state) before the first round; with ``anchored=False`` the first round is an exact fp32
+    average whose result becomes the anchor, for an averager built between rounds without
+    anchors to carry over (replicas' tensors differ there, and so would their anchors).
     Other arguments as ReplicaAverager.
     """
 
     def __init__(self, tensors: Sequence[tuple[str, Tensor]], *, mode: str = "bf16", block: int = DEFAULT_BLOCK,
-                 route: str = "gather", error_feedback: bool = True, anchored: bool = False, **kwargs) -> None:
+                 route: str = "gather", error_feedback: bool = True, anchored: bool = True, **kwargs) -> None:
         if mode not in MODES:
             raise ValueError(f"compress mode {mode!r} is not one of {', '.join(MODES)}")
         if isinstance(block, bool) or not isinstance(block, int) or not 1 <= block <= MAX_BLOCK:
@@ -197,6 +198,10 @@ class CompressedAverager(ReplicaAverager):
             self._rounds(sources, outputs, copies, stats)
             stats.total_s = time.perf_counter() - start
         return stats
+
+    def correction_scratch_numel(self, device: torch.device, segment_numel: int) -> int:
+        """fp32 elements per scratch buffer that ``reduce_corrections`` needs on ``device``: one wire bucket."""
+        return max((b.numel for b in self.wire if b.device == device), default=0)
 
     @torch.no_grad()
     def reduce_corrections(self, snapshot: Tensor, segment_numel: int, scratch: Sequence[Tensor],

@@ -134,7 +134,7 @@ def _rounds_worker(rank, world, route):
         named = [(n, values[n]) for n, _ in _start_tensors()]
         copies = {"w": torch.zeros(40, 30, dtype=torch.bfloat16), "big": torch.zeros(5000, dtype=torch.float16)}
         resumed = CompressedAverager(named, topology=topo, mode=mode, route=route, block=BLOCK, kernel=fused,
-                                     bucket_mb=0.005, copies=copies)  # not anchored: the state says so
+                                     bucket_mb=0.005, copies=copies, anchored=False)  # the state says it is
         resumed.load_state_dict(state)
         again = []
         for k in (2, 3):
@@ -295,7 +295,7 @@ def _edge_worker(rank, world):
     gen = torch.Generator().manual_seed(rank)
     start = [("w", torch.randn(300, generator=gen)), ("h", torch.randn(70, generator=gen).to(torch.bfloat16))]
     exact = [(n, t.clone()) for n, t in start]
-    late = CompressedAverager(start, topology=topo, mode="int8", block=BLOCK)
+    late = CompressedAverager(start, topology=topo, mode="int8", block=BLOCK, anchored=False)
     stats = late.average(step=0)
     ReplicaAverager(exact, topology=topo, kernel="torch").average(step=0)
     assert all(torch.equal(t, e) for (_, t), (_, e) in zip(start, exact)), "first round is not the exact mean"
@@ -328,7 +328,7 @@ def _edge_worker(rank, world):
             CompressedAverager(named, topology=topo, **kwargs)
         except ValueError as err:
             errors.append(str(err))
-    avg = CompressedAverager(named, topology=topo, mode="int8")
+    avg = CompressedAverager(named, topology=topo, mode="int8", anchored=False)
     state = avg.state_dict()
     anchors_before = avg.anchors[0].clone()
     for bad in ({**state, "mode": "bf16"}, {**state, "anchors": {}},
