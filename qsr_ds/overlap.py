@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
-from torch import Tensor
 
 from .averager import FP32_BYTES, ReplicaAverager, ReplicaCommError, RoundStats
 
@@ -144,6 +143,11 @@ class OverlappedRound:
         """Pieces the snapshot is all-reduced in (``buckets`` of the round's stats)."""
         return sum(-(-d.numel // d.segment_numel) for d in self.devices)
 
+    def _round_bytes(self) -> int:
+        """What a round puts into its collectives on this rank: the averager's own count (a compressed
+        averager sends its quantized rows, not fp32)."""
+        return self.averager.bytes_per_round if self.devices else 0
+
     @property
     def peak_extra_bytes(self) -> int:
         """Bytes this rank holds for overlapped rounds: the fp32 snapshot of every averaged tensor
@@ -178,7 +182,7 @@ class OverlappedRound:
             if dev.ready is not None:
                 dev.ready.record(torch.cuda.current_stream(dev.device))
         stats.pack_s = time.perf_counter() - t1
-        stats.bytes = FP32_BYTES * sum(d.numel for d in self.devices)
+        stats.bytes = self._round_bytes()
         self.started_step, self._apply_step, self.round_no = step, step + self.overlap_steps, round_no
         self._stats, self._error = stats, None
         if self.devices:
@@ -299,6 +303,6 @@ class OverlappedRound:
         self.started_step, self._apply_step = int(state["started_step"]), int(state["apply_step"])
         self.round_no, self._error, self._thread = int(state["round"]), None, None
         self._stats = OverlapStats(tensors=len(self.averager.named), buckets=self.segments, lr=state.get("lr"),
-                                   bytes=FP32_BYTES * sum(d.numel for d in self.devices),
+                                   bytes=self._round_bytes(),
                                    overlap_steps=self._apply_step - self.started_step,
                                    started_step=self.started_step, apply_step=self._apply_step)
