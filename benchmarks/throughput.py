@@ -1,18 +1,31 @@
-"""Throughput of the main job when replicas talk over a real, slow link.
+"""Throughput of the main job when two hosts talk over a real, slow link, measured fairly.
 
 Two test hosts (network namespaces joined by a veth pair shaped with `tc tbf`) each run
-one replica of 2 ranks (torchrun --nnodes 2). Per bandwidth, side by side in one run:
+2 ranks (torchrun --nnodes 2). Methods (rows), all on the same 4 ranks and global batch:
 
-  ceiling       each host trains alone (same compute, nothing crosses the link)
-  data_parallel one replica of 4 ranks over both hosts: ZeRO-2 reduces every step across the link
-  constant      2 replicas x 2 ranks, H = h_base
-  qsr           2 replicas x 2 ranks, the QSR schedule of configs/qsr.json
+  ceiling        each host trains alone (DeepSpeed ZeRO-2, nothing crosses the link)
+  ceiling_fsdp   the same with FSDP2 (the compute of the hsdp row; optional)
+  hsdp           fair data parallel: FSDP2 HSDP on the (replicate, shard) = (2, 2) mesh,
+                 gradients cross the link once per step
+  ds_overlap     DeepSpeed ZeRO-2 with overlap_comm, one replica of 4 ranks over both hosts
+  constant       2 replicas x 2 ranks, H = h_base
+  qsr            the QSR schedule of configs/qsr.json
+  qsr_tau1, qsr_tau4           QSR with overlapped rounds (overlap_steps 1, 4)
+  qsr_int8, qsr_bf16           QSR with compressed rounds
+  qsr_tau1_int8, qsr_tau4_int8 both
 
-    python benchmarks/throughput.py --quick          # < 5 min on 2 cores
-    python benchmarks/throughput.py                  # 50, 200, 1000 Mbit/s, writes results/
-    python benchmarks/throughput.py --report-only    # regenerate the .md and plot from the JSON
+Each repeat runs every (bandwidth, method) cell once, methods interleaved, the ceiling
+first, so slow drift of the machine spreads over all methods; cells report the median and
+min-max over repeats. Local methods run the whole schedule (200 steps: H grows); data
+parallel's per-step cost does not depend on the step, so it runs --dp-steps of it.
 
-Needs root (ip netns). Traffic goes only between the two namespaces it makes.
+    python benchmarks/throughput.py                          # everything: 4 bandwidths x 3 repeats
+    python benchmarks/throughput.py --bandwidths 50 --methods ceiling hsdp qsr qsr_tau4_int8
+    python benchmarks/throughput.py --quick --out /tmp/tp.json   # tiny (CI smoke test)
+    python benchmarks/throughput.py --report-only            # .md and plot again from the JSON
+
+Needs root (ip netns). Traffic goes only between the two namespaces it makes. Run it on
+an otherwise idle machine: the report records the load average before and after.
 """
 from __future__ import annotations
 
@@ -20,222 +33,296 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from netns import SlowLink, available  # noqa: E402
+from throughput_report import plot, write_report  # noqa: E402
 
-METHODS = ("ceiling", "data_parallel", "constant", "qsr")
 RESULTS = HERE / "results" / "throughput.json"
-REPORT = HERE / "throughput.md"
-PLOT = HERE / "results" / "throughput.png"
+BASE_CONFIG = ROOT / "configs" / "qsr.json"
 MASTER_PORT = 29611
 SEQ_LEN = 64
+RANKS_PER_HOST = 2
+HOSTS = 2
 
 
-def make_config(base: dict, method: str, steps: int, workdir: Path) -> Path:
+@dataclass(frozen=True, kw_only=True)
+class Method:
+    """One row of the benchmark: how train_gpt.py is started for it."""
+
+    name: str
+    """Row name in the JSON and the table."""
+    kind: str
+    """ceiling (each host alone) | dp (data parallel over the link) | local (replicas with QSR rounds)."""
+    engine: str = "deepspeed"
+    """deepspeed | fsdp | hsdp (train_gpt.py --fsdp --hsdp)."""
+    ranks_per_replica: int = RANKS_PER_HOST
+    """S given to train_gpt.py; 4 = one replica over both hosts."""
+    qsr: dict = field(default_factory=dict)
+    """Keys set in the "qsr" section."""
+    zero: dict = field(default_factory=dict)
+    """Keys set in "zero_optimization"."""
+
+
+METHODS = {m.name: m for m in (
+    Method(name="ceiling", kind="ceiling"),
+    Method(name="ceiling_fsdp", kind="ceiling", engine="fsdp"),
+    Method(name="hsdp", kind="dp", engine="hsdp"),
+    Method(name="ds_overlap", kind="dp", ranks_per_replica=HOSTS * RANKS_PER_HOST,
+           zero={"overlap_comm": True, "contiguous_gradients": True}),
+    Method(name="constant", kind="local", qsr={"rule": "constant", "alpha": 0.0}),
+    Method(name="qsr", kind="local"),
+    Method(name="qsr_tau1", kind="local", qsr={"overlap_steps": 1}),
+    Method(name="qsr_tau4", kind="local", qsr={"overlap_steps": 4}),
+    Method(name="qsr_int8", kind="local", qsr={"compress": "int8"}),
+    Method(name="qsr_bf16", kind="local", qsr={"compress": "bf16"}),
+    Method(name="qsr_tau1_int8", kind="local", qsr={"overlap_steps": 1, "compress": "int8"}),
+    Method(name="qsr_tau4_int8", kind="local", qsr={"overlap_steps": 4, "compress": "int8"}),
+)}
+DEFAULT_METHODS = [m for m in METHODS if m != "ceiling_fsdp"]
+QUICK = {"steps": 12, "dp_steps": 12, "bandwidths": [50.0], "repeats": 1,
+         "methods": ["ceiling", "hsdp", "qsr_tau1_int8"]}
+
+
+def make_config(base: dict, method: Method, steps: int, workdir: Path) -> Path:
+    """configs/qsr.json with the schedule compressed to `steps` (warm-up 10%) and the method's keys.
+
+    benchmarks/validate_projection.py rebuilds the same schedule from a row's steps and method name.
+    """
     cfg = copy.deepcopy(base)
     warmup = max(1, steps // 10)
     sched = cfg["scheduler"]["params"]
     sched["total_num_steps"], sched["warmup_num_steps"] = steps, warmup
-    qsr = cfg["qsr"]
-    qsr["total_steps"], qsr["warmup_steps"] = steps, warmup
-    if method == "constant":
-        qsr["rule"], qsr["alpha"] = "constant", 0.0
-    path = workdir / f"{method}.json"
+    cfg["qsr"].update(total_steps=steps, warmup_steps=warmup, **method.qsr)
+    cfg["zero_optimization"].update(method.zero)
+    path = workdir / f"{method.name}.json"
     path.write_text(json.dumps(cfg, indent=1))
     return path
 
 
-def train_cmd(config: Path, steps: int, ranks_per_replica: int, summary: Path, nnodes: int, node_rank: int,
+def train_cmd(method: Method, config: Path, steps: int, summary: Path, nnodes: int, node_rank: int,
               master: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node_rank={node_rank}",
-            "--nproc_per_node=2", f"--master_addr={master}", f"--master_port={port}",
-            str(ROOT / "examples" / "train_gpt.py"), "--deepspeed_config", str(config), "--steps", str(steps),
-            "--ranks-per-replica", str(ranks_per_replica), "--summary-json", str(summary), "--no-progress",
-            "--seq-len", str(SEQ_LEN)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node_rank={node_rank}",
+           f"--nproc_per_node={RANKS_PER_HOST}", f"--master_addr={master}", f"--master_port={port}",
+           str(ROOT / "examples" / "train_gpt.py"), "--deepspeed_config", str(config), "--steps", str(steps),
+           "--ranks-per-replica", str(method.ranks_per_replica), "--summary-json", str(summary), "--no-progress",
+           "--seq-len", str(SEQ_LEN)]
+    if method.engine in ("fsdp", "hsdp"):
+        cmd.append("--fsdp")
+    if method.engine == "hsdp":
+        cmd.append("--hsdp")
+    return cmd
 
 
-def run_method(link: SlowLink, method: str, config: Path, steps: int, workdir: Path, port: int) -> dict:
+def run_cell(link: SlowLink, method: Method, config: Path, steps: int, workdir: Path, port: int,
+             timeout_s: float) -> dict:
+    """One method once over the link; a failed run comes back as a row with "error"."""
     cfg = json.loads(config.read_text())
-    tokens_per_step = 4 * cfg["train_micro_batch_size_per_gpu"] * cfg.get("gradient_accumulation_steps", 1) * SEQ_LEN
+    tokens_per_step = (HOSTS * RANKS_PER_HOST * cfg["train_micro_batch_size_per_gpu"]
+                       * cfg.get("gradient_accumulation_steps", 1) * SEQ_LEN)
     env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    before = [link.tx_bytes(h) for h in (0, 1)]
-    summaries = [workdir / f"{method}-{h}.json" for h in (0, 1)]
-    if method == "ceiling":  # two independent single-host jobs
-        cmds = [train_cmd(config, steps, 2, summaries[h], 1, 0, "127.0.0.1", port) for h in (0, 1)]
+    summaries = [workdir / f"{method.name}-{port}-{h}.json" for h in range(HOSTS)]
+    if method.kind == "ceiling":  # two independent single-host jobs
+        cmds = [train_cmd(method, config, steps, summaries[h], 1, 0, "127.0.0.1", port) for h in range(HOSTS)]
     else:
-        per_replica = 4 if method == "data_parallel" else 2
-        cmds = [train_cmd(config, steps, per_replica, summaries[0], 2, h, link.addresses[0], port) for h in (0, 1)]
+        cmds = [train_cmd(method, config, steps, summaries[0], HOSTS, h, link.addresses[0], port) for h in range(HOSTS)]
+    load = os.getloadavg()[0]
+    before = [link.tx_bytes(h) for h in range(HOSTS)]
     start = time.perf_counter()
     procs = [link.popen(h, cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for h, cmd in enumerate(cmds)]
-    outputs = [p.communicate(timeout=1800)[0] for p in procs]
+    outputs, error = [], None
+    for p in procs:
+        try:
+            outputs.append(p.communicate(timeout=max(1.0, timeout_s - (time.perf_counter() - start)))[0])
+        except subprocess.TimeoutExpired:
+            error = f"timed out after {timeout_s:.0f} s"
+            for q in procs:
+                q.kill()
+            outputs.append(p.communicate()[0])
     wall = time.perf_counter() - start
-    for p, out in zip(procs, outputs):
-        if p.returncode:
-            raise RuntimeError(f"{method} failed (exit {p.returncode}):\n{out[-3000:]}")
-    link_bytes = sum(link.tx_bytes(h) - before[h] for h in (0, 1))
+    row = {"method": method.name, "kind": method.kind, "engine": method.engine, "steps": steps,
+           "overlap_steps": int(method.qsr.get("overlap_steps", 0)), "compress": method.qsr.get("compress"),
+           "ranks_per_replica": method.ranks_per_replica, "num_replicas": 1 if method.kind == "ceiling" else HOSTS,
+           "wall_seconds": wall, "load_1min_before": load, "config": None}
+    failed = [(p.returncode, out) for p, out in zip(procs, outputs) if p.returncode]
+    if error or failed:
+        code, out = failed[0] if failed else (None, outputs[0])
+        log = workdir.parent / f"{workdir.name}-{method.name}-{port}.log"
+        log.write_text("\n\n".join(f"== host {h} (exit {p.returncode}) ==\n{o}" for h, (p, o) in
+                                    enumerate(zip(procs, outputs))))
+        # the first traceback is the worker's own; torchrun's summary follows it
+        first = out.find("Traceback")
+        row["error"] = f"{error or f'exit {code}'} (full output: {log}): {out[max(0, first):][:3000]}"
+        return row
+    link_bytes = sum(link.tx_bytes(h) - before[h] for h in range(HOSTS))
     summary = json.loads(summaries[0].read_text())
-    if method == "ceiling":
-        other = json.loads(summaries[1].read_text())
-        summary["seconds_per_step"] = max(summary["seconds_per_step"], other["seconds_per_step"])
-    reduced = summary["bytes_across_replicas"] if method in ("constant", "qsr") else 0
-    model_bytes = summary["bytes_data_parallel"] // steps  # one replica's fp32 state
-    return {
-        "method": method,
-        "seconds_per_step": summary["seconds_per_step"],
-        "tokens_per_s": tokens_per_step / summary["seconds_per_step"],
-        "rounds": summary["rounds"] if method in ("constant", "qsr") else (steps if method == "data_parallel" else 0),
+    seconds = summary["seconds_per_step"]
+    if method.kind == "ceiling":  # both hosts' work counts; the slower one sets the pace
+        seconds = max(seconds, json.loads(summaries[1].read_text())["seconds_per_step"])
+    local = method.kind == "local"
+    reduced = summary["bytes_across_replicas"] if local else 0
+    row.update({
+        "seconds_per_step": seconds,
+        "tokens_per_s": tokens_per_step / seconds,
+        "rounds": summary["rounds"] if local else (steps if method.kind == "dp" else 0),
         "link_bytes": link_bytes,
-        # a 2-rank ring all-reduce sends the reduced bytes once in each direction; at start-up
-        # replica 0 broadcasts its weights to replica 1 once
-        "expected_link_bytes": 2 * reduced + model_bytes if method in ("constant", "qsr") else None,
+        # a 2-rank all-reduce (fp32 ring, or the compressed owner route) sends what the averager
+        # counts once each way; at start-up replica 0 broadcasts its fp32 weights once
+        "expected_link_bytes": 2 * reduced + 4 * summary["params"] if local else None,
         "bytes_across_replicas": reduced,
+        "model_bytes": 4 * summary["params"],
+        "engine_replicas": summary["num_replicas"],
         "final_loss": summary["final_loss"],
-        "wall_seconds": wall,
-    }
+        "replicas_identical": len(set(summary["replica_fingerprints"])) == 1,
+    })
+    return row
 
 
-def sweep(bandwidths: list[float], steps: int, delay_ms: float, methods=METHODS) -> list[dict]:
-    base = json.loads((ROOT / "configs" / "qsr.json").read_text())
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else None
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One cell per (bandwidth, method): median and min-max over repeats; x ceiling per repeat."""
+    ceiling = {(r["bandwidth_mbit"], r["repeat"]): r["tokens_per_s"] for r in rows
+               if r["method"] == "ceiling" and "error" not in r}
+    for r in rows:
+        c = ceiling.get((r["bandwidth_mbit"], r["repeat"]))
+        r["ratio_to_ceiling"] = r["tokens_per_s"] / c if c and "error" not in r else None
+    cells = []
+    for key in dict.fromkeys((r["bandwidth_mbit"], r["method"]) for r in rows):
+        runs = [r for r in rows if (r["bandwidth_mbit"], r["method"]) == key]
+        ok = [r for r in runs if "error" not in r]
+        cell = {"bandwidth_mbit": key[0], "method": key[1], "repeats": len(ok), "failed": len(runs) - len(ok)}
+        for name in ("seconds_per_step", "tokens_per_s", "ratio_to_ceiling", "link_bytes", "rounds", "wall_seconds"):
+            cell[name] = spread([r[name] for r in ok if r.get(name) is not None])
+        if ok:
+            cell["steps"], cell["overlap_steps"], cell["compress"] = ok[0]["steps"], ok[0]["overlap_steps"], ok[0]["compress"]
+            cell["expected_link_bytes"] = ok[0]["expected_link_bytes"]
+        cells.append(cell)
+    return cells
+
+
+def sweep(args, methods: list[Method]) -> list[dict]:
+    base = json.loads(BASE_CONFIG.read_text())
+    rows, port = [], MASTER_PORT
+    logs = args.out.parent / f"{args.out.stem}-runs"  # configs and summaries; failed runs' logs stay
+    logs.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=logs) as tmp:
         workdir = Path(tmp)
-        for i, mbit in enumerate(bandwidths):
-            with SlowLink(mbit, delay_ms) as link:
-                by_method = {}
-                for j, method in enumerate(methods):
-                    config = make_config(base, method, steps, workdir)
-                    row = run_method(link, method, config, steps, workdir, MASTER_PORT + 10 * i + j)
-                    row.update(bandwidth_mbit=mbit, delay_ms=delay_ms, steps=steps)
-                    by_method[method] = row
-                    print(f"{mbit:6.0f} Mbit/s  {method:14s} {row['seconds_per_step'] * 1e3:8.1f} ms/step  "
-                          f"{row['tokens_per_s']:8.0f} tok/s  link {row['link_bytes'] / 1e6:8.1f} MB", flush=True)
-                ceiling = by_method.get("ceiling")
-                for row in by_method.values():
-                    row["ratio_to_ceiling"] = (row["tokens_per_s"] / ceiling["tokens_per_s"]) if ceiling else None
-                rows += by_method.values()
+        for repeat in range(args.repeats):
+            for mbit in args.bandwidths:
+                with SlowLink(mbit, args.delay_ms) as link:
+                    for method in methods:
+                        steps = args.dp_steps if method.kind == "dp" else args.steps
+                        config = make_config(base, method, args.steps, workdir)
+                        port += 1
+                        row = run_cell(link, method, config, steps, workdir, port, args.cell_timeout)
+                        if "error" in row:  # once more on a fresh port; the first error stays in the row
+                            port += 1
+                            first = row["error"]
+                            row = dict(run_cell(link, method, config, steps, workdir, port, args.cell_timeout),
+                                       first_error=first)
+                        row.update(repeat=repeat, bandwidth_mbit=mbit, delay_ms=args.delay_ms,
+                                   schedule_steps=args.steps)
+                        rows.append(row)
+                        if "error" in row:
+                            print(f"repeat {repeat} {mbit:6.0f} Mbit/s {method.name:14s} FAILED {row['error'][:300]}",
+                                  flush=True)
+                        else:
+                            print(f"repeat {repeat} {mbit:6.0f} Mbit/s {method.name:14s} "
+                                  f"{row['seconds_per_step'] * 1e3:8.1f} ms/step {row['tokens_per_s']:8.0f} tok/s "
+                                  f"link {row['link_bytes'] / 1e6:8.1f} MB  wall {row['wall_seconds']:6.1f} s", flush=True)
+    if not any(logs.iterdir()):
+        logs.rmdir()
     return rows
 
 
-def verdict(rows: list[dict]) -> list[str]:
-    lines = []
-    for mbit in sorted({r["bandwidth_mbit"] for r in rows}):
-        at = {r["method"]: r for r in rows if r["bandwidth_mbit"] == mbit}
-        if "qsr" in at and "data_parallel" in at:
-            dp, q = at["data_parallel"]["ratio_to_ceiling"], at["qsr"]["ratio_to_ceiling"]
-            target = "n/a (data parallel >= 0.5x)" if dp >= 0.5 else ("met" if q >= 0.9 else "MISSED")
-            lines.append(f"| {mbit:g} | {dp:.2f} | {at.get('constant', {}).get('ratio_to_ceiling', float('nan')):.2f} "
-                         f"| {q:.2f} | {target} |")
-    return lines
+def upgrade(data: dict) -> dict:
+    """A JSON of the earlier one-run-per-cell benchmark, read as one repeat."""
+    if "cells" in data:
+        return data
+    for r in data["rows"]:
+        r.setdefault("repeat", 0)
+        r.setdefault("overlap_steps", 0)
+        r.setdefault("compress", None)
+    data.update(repeats=1, dp_steps=data["steps"], methods=list(dict.fromkeys(r["method"] for r in data["rows"])),
+                cells=summarize(data["rows"]))
+    return data
 
 
-def write_report(data: dict) -> None:
-    rows = data["rows"]
-    table = ["| Mbit/s | method | ms/step | tokens/s | x ceiling | rounds | link MB | expected MB |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        exp = f"{r['expected_link_bytes'] / 1e6:.1f}" if r["expected_link_bytes"] else "-"
-        table.append(f"| {r['bandwidth_mbit']:g} | {r['method']} | {r['seconds_per_step'] * 1e3:.0f} | "
-                     f"{r['tokens_per_s']:.0f} | {r['ratio_to_ceiling']:.2f} | {r['rounds']} | "
-                     f"{r['link_bytes'] / 1e6:.1f} | {exp} |")
-    text = f"""# Throughput over a bandwidth-limited link
-
-Command: `{data['command']}` ({data['date']}, {data['machine']}).
-
-Two network namespaces joined by a veth pair shaped with `tc tbf` (rate below, burst 512 kB,
-{data['delay_ms']} ms added netem delay), one replica of 2 ranks in each; the main job
-(`examples/train_gpt.py`, DeepSpeed ZeRO-2, {data['params_note']}) for {data['steps']} steps per method, all
-methods measured one after another in the same run. "x ceiling" is throughput divided by
-the compute-only ceiling (each host training alone) at the same bandwidth. Link bytes are
-the veth interfaces' tx counters (both directions, with TCP/IP overhead and the tiny
-per-round check); "expected" is twice the bytes the summary JSON says were all-reduced
-across replicas (a 2-rank ring sends them once each way) plus one model for the start-up
-broadcast from replica 0.
-
-{chr(10).join(table)}
-
-## Target: QSR >= 0.9x ceiling wherever data parallel < 0.5x
-
-| Mbit/s | data parallel | constant H | QSR | target |
-| ---: | ---: | ---: | ---: | --- |
-{chr(10).join(verdict(rows))}
-
-![throughput vs bandwidth](results/throughput.png)
-
-Caveats: 4 training processes share 2 CPU cores, so the ceiling itself is compute-bound
-and noisy; the schedule is configs/qsr.json compressed to {data['steps']} steps (warm-up =
-10%), so QSR's H grows only in the last part of the run.
-
-{("## Reading" + chr(10) + chr(10) + data["notes"]) if data.get("notes") else ""}
-"""
-    REPORT.write_text(text)
-
-
-def plot(data: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in METHODS:
-        pts = sorted((r["bandwidth_mbit"], r["tokens_per_s"]) for r in data["rows"] if r["method"] == method)
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=method)
-    ax.set_xscale("log")
-    ax.set_xlabel("link bandwidth (Mbit/s)")
-    ax.set_ylabel("tokens / s")
-    ax.set_title("main job, 2 replicas x 2 ranks over a shaped link")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(PLOT, dpi=120)
+def report(data: dict, out: Path) -> None:
+    """The committed report and plot for the committed JSON; for another --out, files next to it."""
+    if out.resolve() == RESULTS.resolve():
+        write_report(data)
+        plot(data)
+    else:
+        write_report(data, out.with_suffix(".md"))
+        plot(data, out.with_suffix(".png"))
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="one bandwidth, few steps (< 5 min)")
-    p.add_argument("--smoke", action="store_true", help="tiny run for CI: 1 bandwidth, data parallel and qsr")
-    p.add_argument("--bandwidths", type=float, nargs="+", default=[50, 200, 1000])
-    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--quick", action="store_true",
+                   help=f"tiny run for the smoke test: {QUICK['steps']} steps, 1 bandwidth, 1 repeat, 3 methods")
+    p.add_argument("--bandwidths", type=float, nargs="+", default=[20.0, 50.0, 200.0, 1000.0], help="Mbit/s")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS,
+                   help="rows to run (ceiling is always added, first)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, help="schedule length (default: qsr.total_steps of configs/qsr.json)")
+    p.add_argument("--dp-steps", type=int, default=50, help="steps the data-parallel rows run (<= --steps)")
     p.add_argument("--delay-ms", type=float, default=0.0, help="extra netem delay (needs the sch_netem kernel module)")
-    p.add_argument("--out", type=Path, default=RESULTS, help="results JSON")
-    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--cell-timeout", type=float, default=1800.0, help="seconds one run may take before it is killed")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results JSON; another path than the default gets "
+                   "its .md and .png next to it, leaving the committed report alone")
+    p.add_argument("--report-only", action="store_true", help="regenerate the report and plot from --out")
     args = p.parse_args(argv)
     if args.report_only:
-        data = json.loads(RESULTS.read_text())
-        write_report(data)
-        plot(data)
+        report(upgrade(json.loads(args.out.read_text())), args.out)
         return 0
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    base_steps = json.loads(BASE_CONFIG.read_text())["qsr"]["total_steps"]
+    args.steps = args.steps or base_steps
+    args.dp_steps = min(args.dp_steps, args.steps)
+    if args.repeats < 1 or args.steps < 2 or args.dp_steps < 1:
+        p.error("--repeats must be >= 1, --steps >= 2 and --dp-steps >= 1")
     why = available()
     if why:
         print(f"throughput benchmark needs network namespaces: {why}", file=sys.stderr)
         return 2
-    methods = METHODS
-    if args.smoke:
-        args.bandwidths, args.steps, methods = [200], 8, ("data_parallel", "qsr")
-    elif args.quick:
-        args.bandwidths, args.steps = [200], 40
-    rows = sweep(args.bandwidths, args.steps, args.delay_ms, methods)
+    names = ["ceiling"] + [m for m in dict.fromkeys(args.methods) if m != "ceiling"]
+    methods = [METHODS[m] for m in names]
+    load_before, started = os.getloadavg(), time.time()
+    rows = sweep(args, methods)
     data = {
-        "command": "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores, gloo over veth",
-        "steps": args.steps, "delay_ms": args.delay_ms, "params_note": "1.89M-parameter GPT, 7.6 MB fp32",
-        "rows": rows,
+        "command": "python benchmarks/throughput.py " + " ".join(argv),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+        "machine": f"{os.cpu_count()} CPU cores, gloo over veth",
+        "load_before": list(load_before), "load_after": list(os.getloadavg()),
+        "wall_seconds": time.time() - started,
+        "steps": args.steps, "dp_steps": args.dp_steps, "repeats": args.repeats, "bandwidths": args.bandwidths,
+        "methods": names, "delay_ms": args.delay_ms,
+        "params_note": "1.89M-parameter GPT, 7.6 MB fp32",
+        "rows": rows, "cells": summarize(rows),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=1))
-    if args.out == RESULTS:
-        write_report(data)
-        plot(data)
-    return 0
+    args.out.write_text(json.dumps(data, indent=1) + "\n")
+    report(data, args.out)
+    failed = [r for r in rows if "error" in r]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
