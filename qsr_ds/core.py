@@ -155,27 +155,27 @@ class SyncCore:
         return self.averager
 
     def _carry_anchors(self, previous) -> None:
-        """Anchors must hold the same bits on every replica: a tensor keeps its anchor and residual
-        across a rebuild (or from a checkpoint); one new since the last round starts from a zero anchor
-        (optimizer state appearing after step 1). Built at start-up, right after the broadcast from
-        replica 0, the anchors are the replicas' common weights."""
+        """Anchors must hold the same bits on every replica. Built at start-up, right after the broadcast
+        from replica 0, they are the replicas' common weights; across a rebuild (or from a checkpoint)
+        every tensor keeps its anchor and residual. If any tensor has none (optimizer state that
+        appeared since the last round), the next round is one exact fp32 round, which sets them all."""
         carried = self._saved_compression if previous is None else previous.state_dict()
         self._saved_compression = None
+        from_tensors, self._anchors_from_tensors = self._anchors_from_tensors, False
         if carried is None:
-            if not self._anchors_from_tensors:
-                for anchor in self.averager.anchors:
-                    anchor.zero_()
-            self._anchors_from_tensors = False
+            self.averager.anchored = from_tensors
             return
+        missing = False
         with torch.no_grad():
             for (name, _), anchor, residual in zip(self.averager.named, self.averager.anchors, self.averager.residuals):
                 old_anchor, old_residual = carried["anchors"].get(name), carried["residuals"].get(name)
                 if old_anchor is None or old_anchor.shape != anchor.shape:
-                    anchor.zero_()
+                    missing = True
                     continue
                 anchor.copy_(old_anchor)
                 if residual is not None and old_residual is not None:
                     residual.copy_(old_residual)
+        self.averager.anchored = bool(carried.get("anchored", True)) and not missing
 
     def _close_round(self, step: int) -> RoundStats:
         """The step that closes a round: pre-check (agreeing replica 0's LR), decide the next H from it,
