@@ -1,5 +1,6 @@
 import os
 import sys
+import time
 
 import pytest
 
@@ -10,18 +11,22 @@ if ROOT not in sys.path:
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _build_cpp_kernels_once():
-    """Compile the C++ back-end before any spawned ranks need it.
+def pytest_sessionstart(session):
+    """Compile the C++ back-end before any test, and before any spawned rank needs it.
 
-    kernel="auto" picks it for CPU tensors; built lazily inside a multi-rank test, the
-    one-time compile (25-65 s on 2 cores) would eat into that test's timeout.
+    kernel="auto" picks it for CPU tensors; built lazily inside a multi-rank test, the one-time
+    compile (1-2 min on 2 cores, longer on a loaded machine) would eat into that test's timeout.
+    Here, at session start, no per-test timeout applies. A failure to build only means the
+    reference back-end is used (and the C++ kernel tests skip, saying why).
     """
     import torch
 
     from qsr_ds.kernels import cpp
 
-    cpp.load(torch.device("cpu"))  # a failure to build just means the reference back-end is used
+    started = time.perf_counter()
+    _, why_not = cpp.load(torch.device("cpu"))
+    print(f"\n[conftest] C++ kernels {'unavailable: ' + why_not if why_not else 'ready'} "
+          f"({time.perf_counter() - started:.0f} s)", flush=True)
 
 
 @pytest.fixture(scope="session")
