@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Accuracy of Local AdamW under QSR and its baselines on a small byte-level language model.
 
-    python benchmarks/accuracy.py                 # the committed run: 2 regimes x 7 methods x 3 seeds
+    python benchmarks/accuracy.py                 # every method: 2 regimes x 12 methods x 3 seeds
+    python benchmarks/accuracy.py --methods qsr qsr_int8   # these rows again, merged into the committed JSON
     python benchmarks/accuracy.py --smoke --out-dir /tmp/acc    # tiny sizes, < 30 s
     python benchmarks/accuracy.py --report-only   # plots and .md again from the JSON
 
@@ -12,11 +13,13 @@ last 10 % validation. Model: a byte MLP that predicts the next byte from the pre
 own AdamW and its own data stream, all from the same initialization. Data parallel is one
 model on the R streams' batches together (gradient averaging over R x batch); the local
 methods take their steps independently and average parameters when the
-``qsr_ds.SyncTracker`` of their ``qsr_ds.SyncSchedule`` closes a round, with
-``average_replicas_``: the same arithmetic as ``qsr_ds.ReplicaAverager`` (each replica's
-fp32 tensor pre-scaled by 1/R, the R scaled copies summed, every replica gets the sum).
+``qsr_ds.SyncTracker`` of their ``qsr_ds.SyncSchedule`` closes a round, with the library's
+arithmetic (benchmarks/accuracy_rounds.py): exact rounds as ``qsr_ds.ReplicaAverager``,
+and for the VARIANTS of QSR overlapped rounds (qsr_ds/overlap.py) and compressed ones
+(qsr_ds/compress.py, the torch reference quantize / dequantize kernels).
 tests/dist/test_accuracy_sim.py checks this simulation against ``qsr_ds.LocalOptimizer``
-on R real gloo ranks. Two regimes (REGIMES): the whole training text in under one pass,
+on R real gloo ranks. A run merges into the JSON already in --out-dir: its runs replace
+those of the same regime, method and seed, the others are kept. Two regimes (REGIMES): the whole training text in under one pass,
 and its first 50 KB for several epochs, where the model over-fits.
 """
 from __future__ import annotations
@@ -39,12 +42,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks.accuracy_rounds import ReplicaRounds, RoundVariant, average_replicas_  # noqa: E402,F401
 from qsr_ds.averager import flatten_into_buffer  # noqa: E402
 from qsr_ds.schedule import SyncSchedule, SyncTracker  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 REPORT = os.path.join(ROOT, "benchmarks", "accuracy.md")
-METHODS = ("dp", "const_base", "const_large", "post_local", "qsr", "qsr_g1", "qsr_g3")
+# QSR (gamma 2) with overlapped or compressed rounds: the same schedule, other round arithmetic
+VARIANTS = {
+    "qsr_overlap1": RoundVariant(overlap_steps=1),
+    "qsr_overlap4": RoundVariant(overlap_steps=4),
+    "qsr_bf16": RoundVariant(compress="bf16"),
+    "qsr_int8": RoundVariant(compress="int8"),
+    "qsr_overlap1_int8": RoundVariant(overlap_steps=1, compress="int8"),
+}
+METHODS = ("dp", "const_base", "const_large", "post_local", "qsr", "qsr_g1", "qsr_g3", *VARIANTS)
 LABELS = {
     "dp": "data parallel",
     "const_base": "constant H = H_base",
@@ -53,6 +65,11 @@ LABELS = {
     "qsr": "QSR (gamma 2)",
     "qsr_g1": "QSR gamma 1 (linear)",
     "qsr_g3": "QSR gamma 3 (cubic)",
+    "qsr_overlap1": "QSR, overlapped tau = 1",
+    "qsr_overlap4": "QSR, overlapped tau = 4",
+    "qsr_bf16": "QSR, bf16 rounds",
+    "qsr_int8": "QSR, int8 rounds",
+    "qsr_overlap1_int8": "QSR, tau = 1 and int8",
 }
 
 
@@ -202,7 +219,7 @@ def schedule_for(method: str, cfg: Config) -> SyncSchedule | None:
     if method == "post_local":
         return SyncSchedule(rule="post_local", h_base=h_large(cfg),
                             switch_step=int(cfg.steps * cfg.post_local_switch), **common)
-    gamma = {"qsr": 2.0, "qsr_g1": 1.0, "qsr_g3": 3.0}[method]
+    gamma = {"qsr_g1": 1.0, "qsr_g3": 3.0}.get(method, 2.0)  # "qsr" and its VARIANTS: gamma 2
     return SyncSchedule(rule="qsr", gamma=gamma, h_base=cfg.h_base, alpha=alpha_for(gamma, cfg), **common)
 
 
@@ -220,23 +237,6 @@ def h_large(cfg: Config) -> int:
 
 
 # ---------------------------------------------------------------------------- training
-
-
-@torch.no_grad()
-def average_replicas_(flats: list[torch.Tensor]) -> None:
-    """ReplicaAverager's arithmetic for S = 1, in one process.
-
-    ReplicaAverager packs each rank's fp32 tensors into a bucket, multiplies it by 1/R
-    and all-reduces (SUM) over the R replicas; every replica receives the same sum. Here:
-    the same pre-scale, the R products summed in replica order, the sum copied back.
-    (gloo's ring all-reduce adds the same R addends, but in a chunk-dependent order.)
-    """
-    scale = 1.0 / len(flats)
-    total = flats[0] * scale
-    for flat in flats[1:]:
-        total += flat * scale
-    for flat in flats:
-        flat.copy_(total)
 
 
 @torch.no_grad()
@@ -263,6 +263,7 @@ def run(method: str, seed: int, cfg: Config, train: torch.Tensor, val: torch.Ten
     lrs = [SetLR(o, lr_at) for o in opts]
     streams = [Stream(train, cfg, seed, r) for r in range(cfg.replicas)]
     tracker = SyncTracker(schedule, lr_at(0)) if schedule is not None else None
+    replica_rounds = ReplicaRounds(flats, VARIANTS.get(method, RoundVariant())) if n_models > 1 else None
     probe = ByteMLP(cfg) if n_models > 1 else models[0]
     probe_flat = flatten_into_buffer(list(probe.parameters())) if n_models > 1 else flats[0]
     curve, boundaries, train_loss, seen = [], [], 0.0, 0
@@ -295,8 +296,10 @@ def run(method: str, seed: int, cfg: Config, train: torch.Tensor, val: torch.Ten
             train_loss += loss.item() / n_models
         seen += 1
         if tracker is not None and tracker.on_step(lr_at(step + 1)):
-            average_replicas_(flats)
+            replica_rounds.boundary(tracker.current_h, tracker.finished)
             boundaries.append(tracker.completed_steps)
+        elif replica_rounds is not None:
+            replica_rounds.after_step(step + 1)
     if curves:
         record(cfg.steps)
     train_s = time.perf_counter() - start
@@ -307,6 +310,8 @@ def run(method: str, seed: int, cfg: Config, train: torch.Tensor, val: torch.Ten
         "method": method, "seed": seed, "rounds": cfg.steps if tracker is None else tracker.rounds_done,
         "val_loss": val_loss, "val_acc": val_acc, "train_loss": fit_loss, "train_acc": fit_acc,
         "train_seconds": train_s, "boundaries": boundaries, "curve": curve, "params": flats[0].clone(),
+        "overlapped_rounds": replica_rounds.overlapped if replica_rounds else 0,
+        "applied_at": replica_rounds.applied_at if replica_rounds else [],
     }
 
 
@@ -319,11 +324,13 @@ def summarize(runs: list[dict], cfg: Config) -> dict:
         mine = [r for r in runs if r["method"] == method]
         if not mine:
             continue
-        row = {"label": LABELS[method], "seeds": [r["seed"] for r in mine], "rounds": mine[0]["rounds"]}
+        mine.sort(key=lambda r: r["seed"])
+        row = {"label": LABELS[method], "seeds": [r["seed"] for r in mine], "rounds": mine[0]["rounds"],
+               "overlapped_rounds": mine[0].get("overlapped_rounds", 0)}
         for key in ("val_acc", "val_loss", "train_acc", "train_loss"):
             vals = [r[key] for r in mine]
             row[key] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                        "min": min(vals), "max": max(vals), "values": vals}
+                        "median": statistics.median(vals), "min": min(vals), "max": max(vals), "values": vals}
         sched = schedule_for(method, cfg)
         if sched is not None:
             hs = [h for _, h in sched.rounds(lr_fn(cfg))]
@@ -337,8 +344,8 @@ def compare(summary: dict, a: str, b: str) -> dict | None:
     """a minus b in validation accuracy, per seed (same seed: same init and data streams)."""
     if a not in summary or b not in summary:
         return None
-    va, vb = summary[a]["val_acc"], summary[b]["val_acc"]
-    per_seed = [x - y for x, y in zip(va["values"], vb["values"])]
+    va, vb = (dict(zip(summary[m]["seeds"], summary[m]["val_acc"]["values"])) for m in (a, b))
+    per_seed = [va[seed] - vb[seed] for seed in sorted(set(va) & set(vb))]
     mean = statistics.fmean(per_seed)
     if mean >= 0:
         state = "holds" if min(per_seed) > 0 else "holds on the mean, not for every seed"
@@ -353,6 +360,36 @@ CLAIMS = (("qsr", "const_base", "QSR >= constant H = H_base"),
           ("qsr", "post_local", "QSR >= post-local SGD"),
           ("qsr", "qsr_g1", "gamma 2 >= gamma 1"),
           ("qsr", "qsr_g3", "gamma 2 >= gamma 3"))
+# the claims that must survive overlapped and compressed rounds
+VARIANT_BASELINES = ("const_base", "const_large", "dp")
+
+
+def variant_claims(summary: dict) -> list[str]:
+    """Each variant of QSR against exact QSR and against the baselines QSR is compared with."""
+    lines = []
+    for v in (m for m in VARIANTS if m in summary):
+        c = compare(summary, v, "qsr")
+        if c is not None:
+            seeds = ", ".join(f"{100 * d:+.2f}" for d in c["per_seed"])
+            shown = summary[v]["overlapped_rounds"]
+            shown = f" ({shown} of {summary[v]['rounds']} rounds overlapped)" if shown else ""
+            lines.append(f"- {LABELS[v]}{shown}: {100 * summary[v]['val_acc']['mean']:.2f} %, exact QSR "
+                         f"{100 * summary['qsr']['val_acc']['mean']:.2f} %: {100 * c['mean']:+.2f} points (per seed "
+                         f"{seeds}).")
+        same, differ = [], []
+        for b in VARIANT_BASELINES:
+            mine, exact = compare(summary, v, b), compare(summary, "qsr", b)
+            if mine is None:
+                continue
+            text = f"vs {LABELS[b]} {100 * mine['mean']:+.2f} points, {mine['state']}"
+            if exact is None or exact["state"] == mine["state"]:
+                same.append(text)
+            else:
+                differ.append(f"{text} (exact QSR: {exact['state']})")
+        if same or differ:
+            head = "the ordering is the same as exact QSR's" if not differ else "the ordering differs from exact QSR's"
+            lines.append(f"  - {head}: " + "; ".join(differ + same) + ".")
+    return lines
 
 
 def verdict(summary: dict) -> list[str]:
@@ -384,7 +421,7 @@ def plot(runs: list[dict], cfg: Config, path: str, title: str) -> None:
             steps = [p["step"] for p in mine[0]]
             rounds = [max(1, p["rounds"]) for p in mine[0]]
             mean = [statistics.fmean(c[i][metric] for c in mine) for i in range(len(steps))]
-            style = "--" if method in ("qsr_g1", "qsr_g3") else "-"
+            style = "--" if method in ("qsr_g1", "qsr_g3") else ":" if method in VARIANTS else "-"
             axes[row, 0].plot(steps, mean, style, label=LABELS[method])
             axes[row, 1].plot(rounds, mean, style, marker=".", label=LABELS[method])
         axes[row, 0].set_xlabel("optimizer steps")
@@ -406,12 +443,15 @@ def plot(runs: list[dict], cfg: Config, path: str, title: str) -> None:
 
 
 def table(summary: dict) -> str:
-    lines = ["| method | rounds | H (first / max / last) | val acc % (mean ± std) | val loss | train loss |",
-             "|---|---:|---|---:|---:|---:|"]
+    lines = ["| method | rounds | H (first / max / last) | val acc % (mean ± std) | val acc % median [min, max] "
+             "| val loss | train loss |",
+             "|---|---:|---|---:|---:|---:|---:|"]
     for row in summary.values():
         hs = f"{row['h_first']} / {row['h_max']} / {row['h_last']}" if "h_first" in row else "1 (gradients)"
         va, vl, tl = row["val_acc"], row["val_loss"], row["train_loss"]
+        median = statistics.median(va["values"])
         lines.append(f"| {row['label']} | {row['rounds']} | {hs} | {100 * va['mean']:.2f} ± {100 * va['std']:.2f} "
+                     f"| {100 * median:.2f} [{100 * va['min']:.2f}, {100 * va['max']:.2f}] "
                      f"| {vl['mean']:.4f} ± {vl['std']:.4f} | {tl['mean']:.4f} ± {tl['std']:.4f} |")
     return "\n".join(lines)
 
@@ -442,6 +482,8 @@ def regime_text(name: str, res: dict, rel: str) -> list[str]:
         "",
         *verdict(res["summary"]),
         "",
+        *((["QSR with overlapped or compressed rounds (same seeds, same schedule):", "",
+            *variant_claims(res["summary"]), ""]) if any(m in res["summary"] for m in VARIANTS) else []),
         f"![{name}]({rel}/accuracy_{name}.png)",
         "",
     ]
@@ -449,9 +491,12 @@ def regime_text(name: str, res: dict, rel: str) -> list[str]:
 
 def write_report(result: dict, out_dir: str, report: str) -> None:
     rel = os.path.relpath(out_dir, os.path.dirname(os.path.abspath(report)))
-    body = [BEGIN, f"Run: `{result['command']}`: {result['wall_seconds']:.0f} s wall ({result['cpu_seconds']:.0f} s CPU) in all, torch "
-            f"{result['torch']}, Python {result['python']}, {result['threads']} thread(s); validation: the last "
-            f"{result['val_bytes']} bytes.", ""]
+    runs = [f"`{c['command']}`: {c['wall_seconds']:.0f} s wall ({c['cpu_seconds']:.0f} s CPU)"
+            + (f", load average {c['load'][0]:.1f} at the start, {c['load'][1]:.1f} at the end" if c.get("load") else "")
+            for c in commands_of(result)]
+    body = [BEGIN, f"Run: {'; then '.join(runs)} (a later run's rows replace the same method and seed, the "
+            f"rest are kept); torch {result['torch']}, Python {result['python']}, {result['threads']} thread(s); "
+            f"validation: the last {result['val_bytes']} bytes.", ""]
     for name, res in result["regimes"].items():
         body += regime_text(name, res, rel)
     body = "\n".join(body + [END])
@@ -493,6 +538,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     p.add_argument("--report", default=None, help="the .md report (default: benchmarks/accuracy.md, or "
                    "OUT_DIR/accuracy.md when --out-dir is given)")
     p.add_argument("--report-only", action="store_true", help="rebuild plots and report from OUT_DIR/accuracy.json")
+    p.add_argument("--merge-from", nargs="+", metavar="JSON", help="merge these accuracy.json files (e.g. from runs "
+                   "in parallel) into OUT_DIR/accuracy.json, in order, and rebuild plots and report; no training")
     p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     p.add_argument("--threads", type=int, default=1)
     for f in dataclasses.fields(Config):
@@ -534,23 +581,78 @@ def run_regime(name: str, cfg: Config, train: torch.Tensor, val: torch.Tensor) -
             "summary": summarize(runs, cfg), "runs": runs}
 
 
+def commands_of(result: dict) -> list[dict]:
+    """The runs a result holds, oldest first (a JSON written before merging holds one)."""
+    return result.get("commands") or [{k: result.get(k) for k in ("command", "wall_seconds", "cpu_seconds", "load")}]
+
+
+def check_mergeable(name: str, old: dict, new: dict) -> None:
+    """SystemExit naming the fields unless two configs of a regime differ only in methods and seeds."""
+    a, b = ({k: v for k, v in json.loads(json.dumps(dataclasses.asdict(Config(**_cfg_args(c))))).items()
+             if k not in ("methods", "seeds")} for c in (old, new))  # a key added since: its default
+    if a != b:
+        raise SystemExit(f"cannot merge regime {name} into the JSON: config differs in "
+                         f"{sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))}")
+
+
+def merge_results(old: dict, new: dict) -> dict:
+    """``new``'s runs replace ``old``'s of the same regime, method and seed; old's other runs are kept.
+
+    A regime in both must have the same config but for methods and seeds (else SystemExit naming
+    the fields that differ), so merged rows are side by side with the same data, schedule and seeds.
+    """
+    new = json.loads(json.dumps(new))  # the JSON's lists, not tuples, in configs
+    regimes = dict(old["regimes"])
+    for name, res in new["regimes"].items():
+        prev = regimes.get(name)
+        if prev is None:
+            regimes[name] = res
+            continue
+        check_mergeable(name, prev["config"], res["config"])
+        ran = {(r["method"], r["seed"]) for r in res["runs"]}
+        runs = [r for r in prev["runs"] if (r["method"], r["seed"]) not in ran] + res["runs"]
+        runs.sort(key=lambda r: (METHODS.index(r["method"]), r["seed"]))
+        cfg = Config(**_cfg_args({**res["config"], "methods": [m for m in METHODS if any(r["method"] == m for r in runs)],
+                                  "seeds": sorted({r["seed"] for r in runs})}))
+        regimes[name] = {**res, "config": dataclasses.asdict(cfg), "summary": summarize(runs, cfg), "runs": runs,
+                         "wall_seconds": prev["wall_seconds"] + res["wall_seconds"]}
+    return {**new, "regimes": regimes, "commands": commands_of(old) + commands_of(new),
+            "wall_seconds": old["wall_seconds"] + new["wall_seconds"], "cpu_seconds": old["cpu_seconds"] + new["cpu_seconds"]}
+
+
 def main(argv=None) -> dict:
     args, configs = parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     json_path = os.path.join(args.out_dir, "accuracy.json")
-    if args.report_only:
+    old = None
+    if os.path.exists(json_path):
         with open(json_path) as f:
-            result = json.load(f)
+            old = json.load(f)
+    if args.report_only or args.merge_from:
+        if old is None and not args.merge_from:
+            raise SystemExit(f"--report-only: no {json_path}")
+        result = old
+        for path in args.merge_from or ():
+            with open(path) as f:
+                result = json.load(f) if result is None else merge_results(result, json.load(f))
+        if args.merge_from:
+            with open(json_path, "w") as f:
+                json.dump(result, f, indent=1)
     else:
+        for name, cfg in configs.items():  # before any training
+            if old is not None and name in old["regimes"]:
+                check_mergeable(name, old["regimes"][name]["config"], dataclasses.asdict(cfg))
         torch.set_num_threads(args.threads)
         argv = sys.argv[1:] if argv is None else list(argv)
-        start, cpu = time.perf_counter(), time.process_time()
+        start, cpu, load = time.perf_counter(), time.process_time(), os.getloadavg()[0]
         train, val = split(corpus())
         regimes = {name: run_regime(name, cfg, train, val) for name, cfg in configs.items()}
         result = {"command": " ".join(["python benchmarks/accuracy.py", *argv]),
                   "wall_seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu, "torch": torch.__version__,
                   "python": sys.version.split()[0], "threads": args.threads, "val_bytes": len(val),
-                  "regimes": regimes}
+                  "load": [load, os.getloadavg()[0]], "regimes": regimes}
+        if old is not None:
+            result = merge_results(old, result)
         with open(json_path, "w") as f:
             json.dump(result, f, indent=1)
     for name, res in result["regimes"].items():
