@@ -28,35 +28,7 @@ CUDA = torch.cuda.is_available()
 REFERENCE = ReferenceKernels()
 
 
-# --------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def cpp_kernels():
-    from qsr_ds.kernels import cpp
-
-    backend, why = cpp.load(torch.device("cpu"))
-    if backend is None:
-        pytest.skip(f"C++ back-end unavailable: {why}")
-    return backend
-
-
-@pytest.fixture(params=["cpp", "triton"])
-def fused(request):
-    """(back-end, device, exact_low_precision) for each fused back-end that can run here."""
-    if request.param == "cpp":
-        if INTERPRETING:
-            pytest.skip("the interpreter child process tests Triton only")
-        return request.getfixturevalue("cpp_kernels"), torch.device("cpu"), True
-    from qsr_ds.kernels import triton_bucket  # noqa: F401 - import errors fail loudly here
-
-    if CUDA:
-        backend, why = triton_bucket.load(torch.device("cuda"))
-        assert backend is not None, why
-        return backend, torch.device("cuda"), True
-    if not INTERPRETING:
-        pytest.skip("Triton on CPU runs in the TRITON_INTERPRET=1 child (test_triton_interpreter)")
-    backend, why = triton_bucket.load(torch.device("cpu"))
-    assert backend is not None, why
-    return backend, torch.device("cpu"), False
+# fixtures cpp_kernels and fused: tests/unit/conftest.py
 
 
 def _small(device) -> bool:

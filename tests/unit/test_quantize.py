@@ -30,34 +30,7 @@ INT8_BOUND = 0.5 + 2.0**-15  # |d - deQ(q)| <= scale * INT8_BOUND (derivation in
 BF16_BOUND = 2.0**-8  # |d - bf16(d)| <= 2^-8 |d| (half an ulp of an 8-bit significand)
 
 
-@pytest.fixture(scope="module")
-def cpp_kernels():
-    from qsr_ds.kernels import cpp
-
-    backend, why = cpp.load(torch.device("cpu"))
-    if backend is None:
-        pytest.skip(f"C++ back-end unavailable: {why}")
-    return backend
-
-
-@pytest.fixture(params=["cpp", "triton"])
-def fused(request):
-    """(back-end, device, exact_bf16_outputs)."""
-    if request.param == "cpp":
-        if INTERPRETING:
-            pytest.skip("the interpreter child process tests Triton only")
-        return request.getfixturevalue("cpp_kernels"), torch.device("cpu"), True
-    from qsr_ds.kernels import triton_bucket
-
-    if CUDA:
-        backend, why = triton_bucket.load(torch.device("cuda"))
-        assert backend is not None, why
-        return backend, torch.device("cuda"), True
-    if not INTERPRETING:
-        pytest.skip("Triton on CPU runs in the TRITON_INTERPRET=1 child (test_triton_interpreter)")
-    backend, why = triton_bucket.load(torch.device("cpu"))
-    assert backend is not None, why
-    return backend, torch.device("cpu"), False
+# fixtures cpp_kernels and fused: tests/unit/conftest.py
 
 
 def _sizes(block: int, device) -> list[int]:
