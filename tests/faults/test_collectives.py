@@ -46,7 +46,14 @@ def _worker(rank, world, mode):
             os.kill(os.getpid(), signal.SIGKILL if mode == "die" else signal.SIGSTOP)
             return work
 
-        dist.all_reduce = posted_then_gone
+        check = averager.check
+
+        def checked_then_armed(*args, **kwargs):  # the pre-check's all-reduces pass; the round's data one kills
+            verdict = check(*args, **kwargs)
+            dist.all_reduce = posted_then_gone
+            return verdict
+
+        averager.check = checked_then_armed
     start = time.perf_counter()
     try:
         averager.average(step=4)
