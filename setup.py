@@ -21,6 +21,8 @@ setup(
         "triton": ["triton>=3.0"],
         "hf": ["transformers>=4.40", "accelerate>=0.30"],
         "plot": ["matplotlib>=3.7"],
+        # benchmark-only: the torchft LocalSGD peer row of benchmarks/throughput.py
+        "bench": ["torchft==0.2.0", "matplotlib>=3.7"],
         "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["qsr-ds=qsr_ds.cli:main"]},

@@ -13,6 +13,8 @@ Two test hosts (network namespaces joined by a veth pair shaped with `tc tbf`) e
   qsr_tau1, qsr_tau4           QSR with overlapped rounds (overlap_steps 1, 4)
   qsr_int8, qsr_bf16           QSR with compressed rounds
   qsr_tau1_int8, qsr_tau4_int8 both
+  torchft_localsgd             the peer: torchft 0.2.0 LocalSGD at H = h_base, FSDP2 inside each host
+                               (benchmarks/torchft_peer.py; needs pip install -e ".[bench]")
 
 Each repeat runs every (bandwidth, method) cell once, methods interleaved, the ceiling
 first, so slow drift of the machine spreads over all methods; cells report the median and
@@ -87,8 +89,9 @@ METHODS = {m.name: m for m in (
     Method(name="qsr_bf16", kind="local", qsr={"compress": "bf16"}),
     Method(name="qsr_tau1_int8", kind="local", qsr={"overlap_steps": 1, "compress": "int8"}),
     Method(name="qsr_tau4_int8", kind="local", qsr={"overlap_steps": 4, "compress": "int8"}),
+    Method(name="torchft_localsgd", kind="torchft", engine="fsdp"),
 )}
-DEFAULT_METHODS = [m for m in METHODS if m != "ceiling_fsdp"]
+DEFAULT_METHODS = [m for m in METHODS if m not in ("ceiling_fsdp", "torchft_localsgd")]
 QUICK = {"steps": 12, "dp_steps": 12, "bandwidths": [50.0], "repeats": 1,
          "methods": ["ceiling", "hsdp", "qsr_tau1_int8"]}
 
@@ -110,17 +113,29 @@ def make_config(base: dict, method: Method, steps: int, workdir: Path) -> Path:
 
 
 def train_cmd(method: Method, config: Path, steps: int, summary: Path, nnodes: int, node_rank: int,
-              master: str, port: int) -> list[str]:
+              master: str, port: int, host: int = 0) -> list[str]:
+    script = HERE / "torchft_peer.py" if method.kind == "torchft" else ROOT / "examples" / "train_gpt.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node_rank={node_rank}",
            f"--nproc_per_node={RANKS_PER_HOST}", f"--master_addr={master}", f"--master_port={port}",
-           str(ROOT / "examples" / "train_gpt.py"), "--deepspeed_config", str(config), "--steps", str(steps),
+           str(script), "--deepspeed_config", str(config), "--steps", str(steps),
            "--ranks-per-replica", str(method.ranks_per_replica), "--summary-json", str(summary), "--no-progress",
            "--seq-len", str(SEQ_LEN)]
+    if method.kind == "torchft":  # one torchft replica group per host; its H is the config's h_base
+        h_base = json.loads(config.read_text())["qsr"]["h_base"]
+        return cmd + ["--replica-id", str(host), "--num-replicas", str(HOSTS), "--sync-every", str(h_base)]
     if method.engine in ("fsdp", "hsdp"):
         cmd.append("--fsdp")
     if method.engine == "hsdp":
         cmd.append("--hsdp")
     return cmd
+
+
+def start_lighthouse(link: SlowLink, port: int) -> tuple[subprocess.Popen, str]:
+    """torchft's lighthouse on host 0 (it forms the quorum of replica groups); returns it and its URL."""
+    binary = Path(sys.executable).with_name("torchft_lighthouse")
+    proc = link.popen(0, [str(binary), "--min_replicas", str(HOSTS), "--bind", f"0.0.0.0:{port}",
+                          "--join_timeout_ms", "100"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, f"http://{link.addresses[0]}:{port}"
 
 
 def run_cell(link: SlowLink, method: Method, config: Path, steps: int, workdir: Path, port: int,
@@ -131,8 +146,12 @@ def run_cell(link: SlowLink, method: Method, config: Path, steps: int, workdir: 
                        * cfg.get("gradient_accumulation_steps", 1) * SEQ_LEN)
     env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     summaries = [workdir / f"{method.name}-{port}-{h}.json" for h in range(HOSTS)]
+    lighthouse = None
     if method.kind == "ceiling":  # two independent single-host jobs
         cmds = [train_cmd(method, config, steps, summaries[h], 1, 0, "127.0.0.1", port) for h in range(HOSTS)]
+    elif method.kind == "torchft":  # a job per host (its own store, on an address the other host reaches)
+        lighthouse, env["TORCHFT_LIGHTHOUSE"] = start_lighthouse(link, port + 500)
+        cmds = [train_cmd(method, config, steps, summaries[h], 1, 0, link.addresses[h], port, host=h) for h in range(HOSTS)]
     else:
         cmds = [train_cmd(method, config, steps, summaries[0], HOSTS, h, link.addresses[0], port) for h in range(HOSTS)]
     load = os.getloadavg()[0]
@@ -150,6 +169,9 @@ def run_cell(link: SlowLink, method: Method, config: Path, steps: int, workdir: 
                 q.kill()
             outputs.append(p.communicate()[0])
     wall = time.perf_counter() - start
+    if lighthouse is not None:
+        lighthouse.kill()
+        lighthouse.wait()
     row = {"method": method.name, "kind": method.kind, "engine": method.engine, "steps": steps,
            "overlap_steps": int(method.qsr.get("overlap_steps", 0)), "compress": method.qsr.get("compress"),
            "ranks_per_replica": method.ranks_per_replica, "num_replicas": 1 if method.kind == "ceiling" else HOSTS,
@@ -167,9 +189,13 @@ def run_cell(link: SlowLink, method: Method, config: Path, steps: int, workdir: 
     link_bytes = sum(link.tx_bytes(h) - before[h] for h in range(HOSTS))
     summary = json.loads(summaries[0].read_text())
     seconds = summary["seconds_per_step"]
-    if method.kind == "ceiling":  # both hosts' work counts; the slower one sets the pace
-        seconds = max(seconds, json.loads(summaries[1].read_text())["seconds_per_step"])
-    local = method.kind == "local"
+    fingerprints = summary["replica_fingerprints"]
+    if method.kind in ("ceiling", "torchft"):  # both hosts' work counts; the slower one sets the pace
+        other = json.loads(summaries[1].read_text())
+        seconds = max(seconds, other["seconds_per_step"])
+        if method.kind == "torchft":  # each host's summary holds its own replica's fingerprint
+            fingerprints = fingerprints + other["replica_fingerprints"]
+    local = method.kind in ("local", "torchft")
     reduced = summary["bytes_across_replicas"] if local else 0
     row.update({
         "seconds_per_step": seconds,
@@ -178,12 +204,13 @@ def run_cell(link: SlowLink, method: Method, config: Path, steps: int, workdir: 
         "link_bytes": link_bytes,
         # a 2-rank all-reduce (fp32 ring, or the compressed owner route) sends what the averager
         # counts once each way; at start-up replica 0 broadcasts its fp32 weights once
-        "expected_link_bytes": 2 * reduced + 4 * summary["params"] if local else None,
+        # (torchft's replica groups start from the same seeded weights: no start-up broadcast)
+        "expected_link_bytes": 2 * reduced + (4 * summary["params"] if method.kind == "local" else 0) if local else None,
         "bytes_across_replicas": reduced,
         "model_bytes": 4 * summary["params"],
         "engine_replicas": summary["num_replicas"],
         "final_loss": summary["final_loss"],
-        "replicas_identical": len(set(summary["replica_fingerprints"])) == 1,
+        "replicas_identical": len(set(fingerprints)) == 1,
     })
     return row
 
@@ -287,6 +314,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS, help="results JSON; another path than the default gets "
                    "its .md and .png next to it, leaving the committed report alone")
     p.add_argument("--report-only", action="store_true", help="regenerate the report and plot from --out")
+    p.add_argument("--merge", action="store_true", help="add this sweep's rows to those already in --out (its "
+                   "repeats numbered after theirs, each x ceiling against its own sweep's ceiling)")
     args = p.parse_args(argv)
     if args.report_only:
         report(upgrade(json.loads(args.out.read_text())), args.out)
@@ -305,19 +334,30 @@ def main(argv=None) -> int:
         return 2
     names = ["ceiling"] + [m for m in dict.fromkeys(args.methods) if m != "ceiling"]
     methods = [METHODS[m] for m in names]
+    old = upgrade(json.loads(args.out.read_text())) if args.merge and args.out.exists() else None
+    if old and (old["steps"], old["dp_steps"], old["delay_ms"]) != (args.steps, args.dp_steps, args.delay_ms):
+        p.error(f"--merge: {args.out} has steps {old['steps']}, dp-steps {old['dp_steps']}, delay {old['delay_ms']} ms; "
+                f"this sweep would run {args.steps}, {args.dp_steps}, {args.delay_ms}")
     load_before, started = os.getloadavg(), time.time()
     rows = sweep(args, methods)
-    data = {
+    this_sweep = {
         "command": "python benchmarks/throughput.py " + " ".join(argv),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
-        "machine": f"{os.cpu_count()} CPU cores, gloo over veth",
         "load_before": list(load_before), "load_after": list(os.getloadavg()),
-        "wall_seconds": time.time() - started,
-        "steps": args.steps, "dp_steps": args.dp_steps, "repeats": args.repeats, "bandwidths": args.bandwidths,
-        "methods": names, "delay_ms": args.delay_ms,
-        "params_note": "1.89M-parameter GPT, 7.6 MB fp32",
-        "rows": rows, "cells": summarize(rows),
+        "wall_seconds": time.time() - started, "repeats": args.repeats, "bandwidths": args.bandwidths, "methods": names,
     }
+    data = {**this_sweep, "machine": f"{os.cpu_count()} CPU cores, gloo over veth",
+            "steps": args.steps, "dp_steps": args.dp_steps, "delay_ms": args.delay_ms,
+            "params_note": "1.89M-parameter GPT, 7.6 MB fp32", "sweeps": [this_sweep], "rows": rows}
+    if old:
+        offset = 1 + max(r["repeat"] for r in old["rows"])
+        for r in rows:
+            r["repeat"] += offset
+        data.update(old, rows=old["rows"] + rows,
+                    sweeps=old.get("sweeps", [{k: old.get(k) for k in this_sweep}]) + [this_sweep],
+                    methods=list(dict.fromkeys(old["methods"] + names)),
+                    bandwidths=sorted(set(old["bandwidths"]) | set(args.bandwidths)))
+    data["cells"] = summarize(data["rows"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=1) + "\n")
     report(data, args.out)

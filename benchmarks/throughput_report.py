@@ -88,8 +88,22 @@ def bytes_check(data: dict) -> list[str]:
     return lines
 
 
+def _sweeps(data: dict) -> str:
+    """How the numbers were made: each sweep's command, start, duration and machine load."""
+    def load(sweep: dict, key: str) -> str:
+        return ", ".join(f"{v:.2f}" for v in sweep[key]) if sweep.get(key) else "not recorded"
+
+    sweeps = data.get("sweeps") or [data]
+    lines = [f"Command: `{s['command']}`, started {s['date']}, {data['machine']}; took "
+             f"{(s.get('wall_seconds') or 0) / 60:.0f} min. Load average (1, 5, 15 min) before: "
+             f"{load(s, 'load_before')}; after: {load(s, 'load_after')}." for s in sweeps]
+    if len(sweeps) > 1:
+        lines.append("The sweeps' rows are pooled: a cell's runs are every repeat of every sweep that ran it, "
+                     "each divided by the ceiling of its own sweep and repeat.")
+    return "\n\n".join(lines)
+
+
 def write_report(data: dict, path: Path = REPORT) -> None:
-    load = lambda key: ", ".join(f"{v:.2f}" for v in data[key]) if data.get(key) else "not recorded"  # noqa: E731
     dp_note = (f"The data-parallel rows run the first {data['dp_steps']} steps of the {data['steps']}-step "
                "schedule (their cost per step does not depend on the step); every other row runs all of it."
                if data["dp_steps"] < data["steps"] else "Every row runs the whole schedule.")
@@ -98,22 +112,24 @@ def write_report(data: dict, path: Path = REPORT) -> None:
     checks = bytes_check(data)
     text = f"""# Throughput over a bandwidth-limited link
 
-Command: `{data['command']}`, started {data['date']}, {data['machine']}; took {data.get('wall_seconds', 0) / 60:.0f} min.
-Load average (1, 5, 15 min) before: {load('load_before')}; after: {load('load_after')}.
+{_sweeps(data)}
 
 Two network namespaces joined by a veth pair shaped with `tc tbf` (burst 512 kB,
 {data['delay_ms']:g} ms added netem delay), 2 ranks in each; the main job (`examples/train_gpt.py`,
 {data['params_note']}, 4 ranks x 8 sequences x 64 tokens per step) on `configs/qsr.json` with
 its schedule over {data['steps']} steps. {dp_note}
-{data['repeats']} repeat(s); in each, every bandwidth and method ran once, methods interleaved and
+In each repeat of a sweep every bandwidth and method of that sweep ran once, methods interleaved and
 the compute-only ceiling (each host training alone) first. Cells: median (min-max) over repeats.
 "x ceiling" divides a run's tokens/s by the ceiling of the same repeat and bandwidth.
 
 Rows: `hsdp` = FSDP2 HSDP on the (replicate, shard) = (2, 2) mesh (gradients cross the link
 once per step); `ds_overlap` = DeepSpeed ZeRO-2 with overlap_comm over all 4 ranks; `constant` =
 H = h_base; `qsr` = the QSR schedule; `_tauN` = overlapped rounds (overlap_steps N); `_int8`,
-`_bf16` = compressed rounds. Link MB: the veth tx counters of both ends; expected: twice the
-bytes the averager counted across replicas plus one fp32 model (the start-up broadcast).
+`_bf16` = compressed rounds; `torchft_localsgd` = torchft 0.2.0's LocalSGD at H = h_base (FSDP2
+inside each host, a torchft replica group per host, its lighthouse on host 0;
+`benchmarks/torchft_peer.py`). Link MB: the veth tx counters of both ends; expected: twice the
+bytes the averager counted across replicas plus one fp32 model (qsr-ds's start-up broadcast;
+torchft's replicas start from the same seeded weights instead).
 
 {chr(10).join(cell_table(data))}
 {f"{chr(10)}**{failed} run(s) FAILED** (after one retry); their errors are in the JSON rows.{chr(10)}" if failed else ""}\
