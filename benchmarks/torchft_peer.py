@@ -148,6 +148,8 @@ class TorchFTTrainer:
         return {"replica": self.replica, "shard": self.shard, "bytes": self.rounds * self.bytes_per_round,
                 "rounds": self.rounds, "sync_s": self.sync_s, "bytes_per_round": self.bytes_per_round,
                 "torchft_replica": self.torchft_replica,
+                # LocalSGD._average clones every local shard for the all-reduce: one copy during a round
+                "round_memory_bytes": self.bytes_per_round,
                 **{k: (self.sync_s if k == "comm_s" else 0.0) for k in ROUND_PARTS}}
 
     def fingerprint(self) -> str:

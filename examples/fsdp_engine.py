@@ -57,6 +57,7 @@ class HSDPSteps:
 
     averager = None
     rounds = 0
+    round_memory_bytes = 0
 
     def __init__(self, optimizer: torch.optim.Optimizer, scheduler, mesh, total_steps: int) -> None:
         self.optimizer, self.scheduler = optimizer, scheduler
@@ -198,7 +199,7 @@ class FSDPTrainer:
         totals, averager = self.qsr.totals, self.qsr.averager
         return {"replica": self.replica, "shard": self.shard, "bytes": totals.bytes, "rounds": totals.rounds,
                 "sync_s": totals.total_s, "bytes_per_round": averager.bytes_per_round if averager else 0,
-                **round_split(totals)}
+                "round_memory_bytes": self.qsr.round_memory_bytes, **round_split(totals)}
 
     def fingerprint(self) -> str:
         """sha256 of this replica's full fp32 params (gathered over the shard group; summary only)."""

@@ -186,7 +186,8 @@ class DeepSpeedTrainer:
         totals = self.qsr.totals
         bytes_per_round = self.qsr.averager.bytes_per_round if self.qsr.averager else 0
         return {"replica": self.replica, "shard": self.shard, "bytes": totals.bytes, "rounds": totals.rounds,
-                "sync_s": totals.total_s, "bytes_per_round": bytes_per_round, **round_split(totals)}
+                "sync_s": totals.total_s, "bytes_per_round": bytes_per_round,
+                "round_memory_bytes": self.qsr.round_memory_bytes, **round_split(totals)}
 
     def fingerprint(self) -> str:
         from qsr_ds.ds_state import fingerprint, full_fp32_params
@@ -342,6 +343,9 @@ def _summary(args, trainer, reports, state, steps, final_loss, last_train_loss, 
         # all-reduce waits, packing / unpacking, refreshing the engine's copies inside the replica
         "sync_split_seconds": {k: rank0[k] for k in ROUND_PARTS},
         "seconds_per_round": rank0["sync_s"] / rank0["rounds"] if rank0["rounds"] else None,
+        # what the rounds hold beyond the engine's state, on the rank holding most (scratch; an
+        # overlapped round's snapshot; a compressed round's anchors and residuals)
+        "round_memory_bytes_per_rank": max(r.get("round_memory_bytes", 0) for r in reports),
         "seconds_per_step": state["train_s"] / state["steps_timed"] if state["steps_timed"] else None,
         "train_seconds_this_run": state["train_s"],
         "first_loss": state["first_loss"],

@@ -74,6 +74,8 @@ class SyncSettings:
     """tau: a round's all-reduce runs behind the next tau steps (0 = blocking rounds)."""
     compress: str | None = None
     """None (exact fp32 rounds), "bf16" or "int8": send deltas from the last average, error-fed back."""
+    compress_route: str = "gather"
+    """Compressed rows' route over the replica group: "gather" or "owner" (qsr_ds/compress.py)."""
 
 
 class SyncCore:
@@ -117,6 +119,19 @@ class SyncCore:
         """An overlapped round's all-reduce is running behind training (its correction not yet applied)."""
         return self.overlap is not None and self.overlap.in_flight
 
+    @property
+    def round_memory_bytes(self) -> int:
+        """Bytes this rank holds for its rounds beyond the engine's own state, as allocated now (0
+        before the first round): the blocking round's scratch buckets, or an overlapped round's
+        fp32 snapshot with its scratch (which the blocking rounds then share), plus a compressed
+        averager's anchors, residuals and wire buffers."""
+        held = self.overlap.peak_extra_bytes if self.overlap is not None else 0
+        if self.averager is None:
+            return held
+        if hasattr(self.averager, "anchors"):
+            return held + self.averager.peak_extra_bytes
+        return held if self.overlap is not None else held + self.averager.scratch_bytes
+
     def after_steps(self, count: int = 1) -> RoundStats | None:
         """Count ``count`` completed optimizer steps; runs the round the last of them closes.
 
@@ -146,7 +161,8 @@ class SyncCore:
             if self.settings.compress and self.num_replicas > 1:
                 from .compress import CompressedAverager
 
-                self.averager = CompressedAverager(plan.tensors, mode=self.settings.compress, **kwargs)
+                self.averager = CompressedAverager(plan.tensors, mode=self.settings.compress,
+                                                   route=self.settings.compress_route, **kwargs)
                 self._carry_anchors(previous)
             else:
                 self.averager = ReplicaAverager(plan.tensors, **kwargs)

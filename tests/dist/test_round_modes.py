@@ -63,7 +63,7 @@ def _run(rank, tau, compress, *, stop=STEPS, state=None):
 
 def _worker(rank, world, tau, compress):
     snapshots, log, local, model = _run(rank, tau, compress)
-    out = {"log": log, "final": snapshots[STEPS][1], "rounds": local.rounds,
+    out = {"log": log, "final": snapshots[STEPS][1], "rounds": local.rounds, "memory": local.round_memory_bytes,
            "steps": {s: v[1] for s, v in snapshots.items()}, "pre": {s: v[0] for s, v in snapshots.items()}}
     # resume from a checkpoint taken mid-flight / mid-round, exactly
     cut = next((s for s, kind, _ in log if kind == "OverlapStats"), 9)
@@ -139,3 +139,16 @@ def test_compressed_rounds_leave_replicas_identical_after_every_round(runs, case
         assert torch.equal(a["steps"][step], b["steps"][step]), f"replicas differ after the round at step {step}"
     exact = runs["blocking"][0]["final"]
     assert (a["final"] - exact).abs().max() < 0.05, "compressed training strays far from exact rounds"
+
+
+def test_round_memory_is_the_scratch_the_snapshot_and_the_anchors(runs):
+    numel = 5 * 7 + 7 + 7 * 1 + 1  # the model's fp32 elements, all averaged on this one-rank replica
+    bucket = int(0.0001 * 2**20) // 4  # bucket_mb=0.0001 in elements
+    memory = {case: runs[case][0]["memory"] for case in CASES}
+    assert 0 < memory["blocking"] <= 2 * 4 * bucket, "a blocking round holds at most two buckets of scratch"
+    for case in ("tau1", "tau2"):  # one fp32 snapshot of every averaged element, plus scratch
+        assert 4 * numel < memory[case] <= 4 * numel + 2 * 4 * max(bucket, numel), case
+    for case in ("bf16", "int8"):  # an fp32 anchor and an fp32 residual per element, plus wire buffers
+        assert memory[case] > 8 * numel, case
+    assert memory["tau1_int8"] > 12 * numel, "overlap and compression: snapshot + anchor + residual"
+    assert all(runs[case][0]["memory"] == runs[case][1]["memory"] for case in CASES), "same shapes, same bytes"

@@ -37,6 +37,8 @@ def test_throughput_quick(tmp_path):
     per_round_each_way = (q["link_bytes"] - model) / q["rounds"] / 2
     assert 0.24 <= per_round_each_way / model <= 0.32
     assert hsdp["link_bytes"] / hsdp["steps"] > 3 * q["link_bytes"] / q["steps"]
+    # what its rounds hold per rank: an fp32 snapshot, anchor and residual of the rank's half of the model
+    assert q["round_memory_bytes_per_rank"] >= 3 * model / 2 and hsdp["round_memory_bytes_per_rank"] == 0
 
     cells = {c["method"]: c for c in data["cells"]}
     assert set(cells) == set(rows) and all(c["repeats"] == 1 and c["failed"] == 0 for c in cells.values())
