@@ -38,6 +38,8 @@ _PROJECT_FLAGS = (
      help="overlapped rounds hide up to TAU steps of compute (default: the config's, else 0)")),
     ("--compress", "compress", dict(metavar="none|bf16|int8",
      help="local rounds sent as none, bf16 or int8 (default: the config's, else none)")),
+    ("--compress-route", "compress_route", dict(metavar="gather|owner",
+     help="how compressed rows cross the replicas (default: the config's, else gather)")),
     ("--int8-block", "int8_block", dict(type=int, default=256, metavar="N",
      help="elements per fp32 scale in int8 rounds")),
     ("--dp-overlap", "dp_overlap", dict(type=float, default=0.0, metavar="FRACTION",
@@ -89,7 +91,7 @@ def _projection_inputs(args: argparse.Namespace, config):
             bandwidth_bits_per_s=_parsed("--bandwidth", args.bandwidth, parse_bandwidth),
             state_dtype=args.state_dtype, grad_dtype=args.grad_dtype, latency_s=args.latency_ms / 1e3,
             overlap_steps=args.overlap_steps, compress=args.compress, int8_block=args.int8_block,
-            dp_overlap=args.dp_overlap,
+            dp_overlap=args.dp_overlap, compress_route=args.compress_route,
         )
     except ProjectionError as err:
         flag = _FLAG_OF.get(err.field, err.field)

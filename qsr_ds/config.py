@@ -17,6 +17,7 @@ from .schedule import RULES, ScheduleError, SyncSchedule
 AVERAGE_CHOICES = ("params", "buffers", "exp_avg", "exp_avg_sq", "momentum")
 KERNEL_CHOICES = ("auto", "triton", "cpp", "torch")
 COMPRESS_CHOICES = ("bf16", "int8")
+COMPRESS_ROUTES = ("gather", "owner")
 
 
 class QSRConfigError(ValueError):
@@ -57,6 +58,10 @@ class QSRConfig:
     """tau: a round's all-reduce runs behind the next tau steps (0 = blocking rounds, bit for bit)."""
     compress: str | None = None
     """Send rounds as bf16 or int8 deltas from the last average, with error feedback (None = exact fp32)."""
+    compress_route: str = "gather"
+    """How compressed rows cross the replicas: "gather" (all-gather every row; (R - 1) rows on each
+    rank's link, best at small R) or "owner" (each replica sums and re-quantizes one segment, then
+    all-gathers the result; about 2 (R - 1) / R rows, like an fp32 ring, for large R)."""
     source: str = field(default="<dict>", compare=False)
     """Where the section came from, for error messages (not a config key)."""
 
@@ -76,7 +81,8 @@ class QSRConfig:
         from .core import SyncSettings
 
         return SyncSettings(average=tuple(self.average), bucket_mb=self.bucket_mb, kernel=self.kernel,
-                            check_finite=self.check_finite, overlap_steps=self.overlap_steps, compress=self.compress)
+                            check_finite=self.check_finite, overlap_steps=self.overlap_steps, compress=self.compress,
+                            compress_route=self.compress_route)
 
     def num_replicas(self, world_size: int) -> int:
         """R for a world size; a world size that S does not divide is an error."""
@@ -126,7 +132,7 @@ def _check_types(section: dict, source: str) -> None:
             raise _fail(source, key, f"expected a number, got {type(value).__name__} {value!r}")
         if key in _OPTIONAL_NUMBER_KEYS and value is not None and not _is_number(value):
             raise _fail(source, key, f"expected a number or null, got {type(value).__name__} {value!r}")
-        if key in ("rule", "kernel") and not isinstance(value, str):
+        if key in ("rule", "kernel", "compress_route") and not isinstance(value, str):
             raise _fail(source, key, f"expected a string, got {type(value).__name__} {value!r}")
         if key == "compress" and value is not None and not isinstance(value, str):
             raise _fail(source, key, f"expected \"bf16\", \"int8\" or null, got {type(value).__name__} {value!r}")
@@ -162,6 +168,9 @@ def _check_values(section: dict, source: str) -> None:
         raise _fail(source, "kernel", f"unknown kernel {section['kernel']!r}; expected one of {', '.join(KERNEL_CHOICES)}")
     if section.get("compress") is not None and section["compress"] not in COMPRESS_CHOICES:
         raise _fail(source, "compress", f"unknown compression {section['compress']!r}; expected bf16, int8 or null")
+    if "compress_route" in section and section["compress_route"] not in COMPRESS_ROUTES:
+        raise _fail(source, "compress_route",
+                    f"unknown route {section['compress_route']!r}; expected one of {', '.join(COMPRESS_ROUTES)}")
     for item in section.get("average", []):
         if item not in AVERAGE_CHOICES:
             raise _fail(source, "average", f"unknown entry {item!r}; expected some of {', '.join(AVERAGE_CHOICES)}")

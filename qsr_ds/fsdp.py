@@ -246,7 +246,8 @@ class FSDPQSR(SyncCore):
         self.model, self.optimizer, self.mesh, self.lr_scheduler = model, optimizer, mesh, lr_scheduler
         settings = SyncSettings(average=averaged, bucket_mb=pick(bucket_mb, "bucket_mb", 64.0),
                                 kernel=pick(kernel, "kernel", "auto"), check_finite=pick(check_finite, "check_finite", True),
-                                overlap_steps=pick(None, "overlap_steps", 0), compress=pick(None, "compress", None))
+                                overlap_steps=pick(None, "overlap_steps", 0), compress=pick(None, "compress", None),
+                                compress_route=pick(None, "compress_route", "gather"))
         super().__init__(schedule=schedule, topology=topology_of(mesh, timeout_s=pick(None, "timeout_s", 600.0)),
                          settings=settings)
         self.start_from_replica0()

@@ -51,6 +51,7 @@ class LocalOptimizer(SyncCore):
         flatten_params: bool = True,
         overlap_steps: int = 0,
         compress: str | None = None,
+        compress_route: str = "gather",
     ) -> None:
         self.optimizer = optimizer
         self.model = model
@@ -63,7 +64,7 @@ class LocalOptimizer(SyncCore):
         ):
             self.flat_params = flatten_into_buffer(params)
         settings = SyncSettings(average=tuple(average), bucket_mb=bucket_mb, kernel=kernel, check_finite=check_finite,
-                                overlap_steps=overlap_steps, compress=compress)
+                                overlap_steps=overlap_steps, compress=compress, compress_route=compress_route)
         super().__init__(schedule=schedule, topology=topology, settings=settings)
         self.start_from_replica0()
 

@@ -106,12 +106,12 @@ _PER_PARAMETER = ("params", "exp_avg", "exp_avg_sq", "momentum")
 def cost_inputs(config: QSRConfig, *, step_seconds: float, replicas: int, params: float,
                 bandwidth_bits_per_s: float, state_dtype: str = "fp32", grad_dtype: str | None = None,
                 latency_s: float = 0.0, overlap_steps: int | None = None, compress: str | None = None,
-                int8_block: int = 256, dp_overlap: float = 0.0) -> CostInputs:
+                int8_block: int = 256, dp_overlap: float = 0.0, compress_route: str | None = None) -> CostInputs:
     """The cost model's inputs for ``config`` on a model of ``params`` parameters.
 
     A round averages every entry of ``config.average`` that has one number per parameter,
     in ``state_dtype``; data parallel all-reduces gradients in ``grad_dtype`` (default: the
-    state's). ``overlap_steps`` and ``compress`` default to the config's own settings, if it
+    state's). ``overlap_steps``, ``compress`` and ``compress_route`` default to the config's own settings, if it
     has them. Errors are ProjectionErrors naming the keyword.
     """
     if not (isinstance(params, (int, float)) and params >= 1):
@@ -123,11 +123,14 @@ def cost_inputs(config: QSRConfig, *, step_seconds: float, replicas: int, params
         overlap_steps = int(getattr(config, "overlap_steps", 0) or 0)
     if compress is None:
         compress = getattr(config, "compress", None) or "none"
+    if compress_route is None:
+        compress_route = getattr(config, "compress_route", "gather")
     elements = params * elements_per_param
     return CostInputs(
         step_seconds=step_seconds, replicas=replicas, state_bytes=elements * state_size, state_elements=elements,
         grad_bytes=params * grad_size, bandwidth_bits_per_s=bandwidth_bits_per_s, latency_s=latency_s,
         overlap_steps=overlap_steps, compress=compress, int8_block=int8_block, dp_overlap=dp_overlap,
+        compress_route=compress_route,
     )
 
 

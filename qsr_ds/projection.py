@@ -31,6 +31,7 @@ import re
 from dataclasses import asdict, dataclass
 
 COMPRESS = ("none", "bf16", "int8")
+ROUTES = ("gather", "owner")
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp64": 8, "float64": 8}
 
 
@@ -67,6 +68,9 @@ class CostInputs:
     """Local rounds send none (the fp32 state as is), bf16 (2 bytes/element) or int8 (1 + scales)."""
     int8_block: int = 256
     """Elements sharing one fp32 scale in int8 rounds (compress.py starts blocks per tensor; ignored here)."""
+    compress_route: str = "gather"
+    """Compressed rows all-gathered ("gather": R - 1 rows on a node's link) or summed by segment owners
+    and all-gathered back ("owner": 2 (R - 1) / R rows, like a ring)."""
     dp_overlap: float = 0.0
     """f: fraction of a step's compute that data parallel's gradient all-reduce can hide behind (0..1)."""
 
@@ -85,6 +89,8 @@ class CostInputs:
             raise ProjectionError("dp_overlap", f"must be a fraction between 0 and 1, got {self.dp_overlap!r}")
         if self.compress not in COMPRESS:
             raise ProjectionError("compress", f"must be one of {', '.join(COMPRESS)}, got {self.compress!r}")
+        if self.compress_route not in ROUTES:
+            raise ProjectionError("compress_route", f"must be one of {', '.join(ROUTES)}, got {self.compress_route!r}")
 
 
 def _finite(value) -> bool:
@@ -121,6 +127,8 @@ def round_link_bytes(inputs: CostInputs) -> float:
     """Bytes one node sends over its link in one local round."""
     if inputs.compress == "none":
         return ring_factor(inputs.replicas) * inputs.state_bytes
+    if inputs.compress_route == "owner":  # all_to_all of segments, then all-gather of the owners' sums
+        return ring_factor(inputs.replicas) * wire_bytes(inputs)
     return (inputs.replicas - 1) * wire_bytes(inputs)  # all-gather of every replica's quantized row
 
 
@@ -235,7 +243,7 @@ def project(inputs: CostInputs, *, constant_rounds: list[tuple[int, int]], sched
 
 def _round_suffix(inputs: CostInputs) -> str:
     parts = [f"tau={inputs.overlap_steps}"] if inputs.overlap_steps else []
-    parts += [inputs.compress] if inputs.compress != "none" else []
+    parts += [inputs.compress + (" owner" if inputs.compress_route == "owner" else "")] if inputs.compress != "none" else []
     return f" ({', '.join(parts)})" if parts else ""
 
 
@@ -294,8 +302,9 @@ def assumptions(inputs: CostInputs) -> list[str]:
         f"data parallel: {inputs.grad_bytes / 1e6:,.1f} MB of gradients per step, "
         + (f"{inputs.dp_overlap:g} of the step's compute hides it" if inputs.dp_overlap else "not overlapped"),
         f"local rounds: {inputs.state_bytes / 1e6:,.1f} MB averaged per round"
-        + (f", sent as {inputs.compress} rows of {wire_bytes(inputs) / 1e6:,.1f} MB, all-gathered: "
-           f"(R-1) = {r - 1} rows on the link" if inputs.compress != "none" else "")
+        + (f", sent as {inputs.compress} rows of {wire_bytes(inputs) / 1e6:,.1f} MB, " + (
+            f"summed by segment owners: 2(R-1)/R = {ring_factor(r):g} rows on the link" if inputs.compress_route == "owner"
+            else f"all-gathered: (R-1) = {r - 1} rows on the link") if inputs.compress != "none" else "")
         + (f"; overlapped by tau={inputs.overlap_steps} steps (rounds shorter than {inputs.overlap_steps + 1} "
            "and the last round block)" if inputs.overlap_steps else "; blocking"),
         "hours = (steps x t + exposed communication) / 3600; rho = one collective's time / t",

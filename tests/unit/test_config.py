@@ -53,6 +53,7 @@ def test_unknown_key_without_a_close_match_lists_the_keys(tmp_path):
         ("rule", 2, "expected a string"),
         ("switch_step", 1.5, "expected an integer or null"),
         ("gamma", "2", "expected a number or null"),
+        ("compress_route", 1, "expected a string"),
     ],
 )
 def test_wrong_types(tmp_path, key, value, needle):
@@ -75,6 +76,7 @@ def test_wrong_types(tmp_path, key, value, needle):
         ("kernel", "cuda", "unknown kernel 'cuda'"),
         ("average", ["params", "grads"], "unknown entry 'grads'"),
         ("average", ["buffers"], "must include 'params'"),
+        ("compress_route", "ring", "unknown route 'ring'; expected one of gather, owner"),
     ],
 )
 def test_impossible_values(tmp_path, key, value, needle):
