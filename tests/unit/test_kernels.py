@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -380,18 +379,9 @@ def test_import_builds_nothing():
 
 # ------------------------------------------------------------- Triton interpreter run
 @pytest.mark.skipif(INTERPRETING or CUDA, reason="already running Triton directly")
-def test_triton_interpreter():
+def test_triton_interpreter(triton_in_interpreter):
     """The Triton tests of this file, in a child pytest under TRITON_INTERPRET=1."""
-    pytest.importorskip("triton")
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__)), "-k",
-         "triton and not test_triton_interpreter"],
-        env={**os.environ, "TRITON_INTERPRET": "1", "QSR_DS_NO_CPP": "1"}, capture_output=True, text=True,
-        timeout=300,
-    )
-    tail = (done.stdout + done.stderr)[-4000:]
-    assert done.returncode == 0, tail
-    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], tail
+    triton_in_interpreter(timeout_s=300, no_skips=True)
 
 
 # --------------------------------------------------------------------- plans, averager

@@ -13,9 +13,6 @@ NaN, other blocks are untouched; bf16 maps NaN to NaN and Inf to Inf (residual N
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -268,15 +265,6 @@ def test_cpp_rejects_bad_calls_clearly(cpp_kernels):
 
 
 @pytest.mark.skipif(INTERPRETING or CUDA, reason="already running Triton directly")
-def test_triton_interpreter():
+def test_triton_interpreter(triton_in_interpreter):
     """The Triton tests of this file, in a child pytest under TRITON_INTERPRET=1."""
-    pytest.importorskip("triton")
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__)), "-k",
-         "triton and not test_triton_interpreter"],
-        env={**os.environ, "TRITON_INTERPRET": "1", "QSR_DS_NO_CPP": "1"}, capture_output=True, text=True,
-        timeout=600,
-    )
-    tail = (done.stdout + done.stderr)[-4000:]
-    assert done.returncode == 0, tail
-    assert " passed" in done.stdout, tail
+    triton_in_interpreter(timeout_s=600)
