@@ -210,6 +210,7 @@ def run_cell(link: SlowLink, method: Method, config: Path, steps: int, workdir: 
         "model_bytes": 4 * summary["params"],
         "engine_replicas": summary["num_replicas"],
         "final_loss": summary["final_loss"],
+        "round_memory_bytes_per_rank": summary.get("round_memory_bytes_per_rank"),
         "replicas_identical": len(set(fingerprints)) == 1,
     })
     return row
@@ -288,6 +289,20 @@ def upgrade(data: dict) -> dict:
     return data
 
 
+def merge(old: dict, new: dict) -> dict:
+    """``new``'s sweep added to ``old``: its repeats numbered after old's (so each run keeps the
+    ceiling of its own sweep and repeat), methods and bandwidths joined, the cells pooled."""
+    offset = 1 + max(r["repeat"] for r in old["rows"])
+    rows = [dict(r, repeat=r["repeat"] + offset) for r in new["rows"]]
+    sweep_keys = ("command", "date", "load_before", "load_after", "wall_seconds", "repeats", "bandwidths", "methods")
+    earlier = old.get("sweeps") or [{k: old.get(k) for k in sweep_keys}]
+    data = dict(old, rows=old["rows"] + rows, sweeps=earlier + new["sweeps"],
+                methods=list(dict.fromkeys(old["methods"] + new["methods"])),
+                bandwidths=sorted(set(old["bandwidths"]) | set(new["bandwidths"])))
+    data["cells"] = summarize(data["rows"])
+    return data
+
+
 def report(data: dict, out: Path) -> None:
     """The committed report and plot for the committed JSON; for another --out, files next to it."""
     if out.resolve() == RESULTS.resolve():
@@ -338,6 +353,9 @@ def main(argv=None) -> int:
     if old and (old["steps"], old["dp_steps"], old["delay_ms"]) != (args.steps, args.dp_steps, args.delay_ms):
         p.error(f"--merge: {args.out} has steps {old['steps']}, dp-steps {old['dp_steps']}, delay {old['delay_ms']} ms; "
                 f"this sweep would run {args.steps}, {args.dp_steps}, {args.delay_ms}")
+    # the C++ kernels compile on first use (about a minute, per checkout): never inside a timed run
+    subprocess.run([sys.executable, "-c", "import torch; from qsr_ds.kernels import cpp; cpp.load(torch.device('cpu'))"],
+                   check=False, cwd=ROOT)
     load_before, started = os.getloadavg(), time.time()
     rows = sweep(args, methods)
     this_sweep = {
@@ -349,15 +367,7 @@ def main(argv=None) -> int:
     data = {**this_sweep, "machine": f"{os.cpu_count()} CPU cores, gloo over veth",
             "steps": args.steps, "dp_steps": args.dp_steps, "delay_ms": args.delay_ms,
             "params_note": "1.89M-parameter GPT, 7.6 MB fp32", "sweeps": [this_sweep], "rows": rows}
-    if old:
-        offset = 1 + max(r["repeat"] for r in old["rows"])
-        for r in rows:
-            r["repeat"] += offset
-        data.update(old, rows=old["rows"] + rows,
-                    sweeps=old.get("sweeps", [{k: old.get(k) for k in this_sweep}]) + [this_sweep],
-                    methods=list(dict.fromkeys(old["methods"] + names)),
-                    bandwidths=sorted(set(old["bandwidths"]) | set(args.bandwidths)))
-    data["cells"] = summarize(data["rows"])
+    data = merge(old, data) if old else dict(data, cells=summarize(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=1) + "\n")
     report(data, args.out)

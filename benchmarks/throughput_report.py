@@ -79,6 +79,23 @@ def targets(data: dict, mbit: float = TARGET_BANDWIDTH) -> list[str]:
     return lines
 
 
+def peer(data: dict) -> list[str]:
+    """qsr-ds against torchft's LocalSGD, per bandwidth: the same fixed H, then QSR's rows."""
+    cells = _cells(data)
+    lines = []
+    for mbit in sorted({b for b, m in cells if m == "torchft_localsgd"}):
+        ft = cells[(mbit, "torchft_localsgd")]
+        if not ft["tokens_per_s"]:
+            lines.append(f"- {mbit:g} Mbit/s: torchft_localsgd FAILED in {ft['failed']} run(s) (each after one retry); "
+                         "the errors are in the JSON rows" + (", the reading below says what happened" if data.get("notes") else ""))
+            continue
+        parts = [f"{m} {cells[(mbit, m)]['tokens_per_s']['median'] / ft['tokens_per_s']['median']:.2f}x"
+                 for m in data["methods"] if (mbit, m) in cells and m not in ("ceiling", "torchft_localsgd")
+                 and cells[(mbit, m)]["tokens_per_s"]]
+        lines.append(f"- {mbit:g} Mbit/s, tokens/s over torchft_localsgd's (medians): {', '.join(parts)}")
+    return lines or ["Not measured in this run (no torchft_localsgd row)."]
+
+
 def bytes_check(data: dict) -> list[str]:
     lines = []
     for c in data["cells"]:
@@ -137,6 +154,10 @@ torchft's replicas start from the same seeded weights instead).
 ## Targets (computed from the JSON)
 
 {chr(10).join(targets(data))}
+
+### Against the peer: torchft LocalSGD at H = h_base
+
+{chr(10).join(peer(data))}
 
 ![x ceiling vs bandwidth](results/throughput.png)
 

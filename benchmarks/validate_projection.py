@@ -57,7 +57,7 @@ def benchmark_config(row: dict) -> dict:
     warmup = max(1, steps // 10)  # as throughput.make_config
     cfg["scheduler"]["params"]["total_num_steps"], cfg["scheduler"]["params"]["warmup_num_steps"] = steps, warmup
     cfg["qsr"]["total_steps"], cfg["qsr"]["warmup_steps"] = steps, warmup
-    if row["method"].startswith("constant"):
+    if row["method"].startswith(("constant", "torchft")):  # torchft's LocalSGD: H = h_base throughout
         cfg["qsr"]["rule"], cfg["qsr"]["alpha"] = "constant", 0.0
     return cfg
 
@@ -133,7 +133,7 @@ def validate(data: dict, source: Path = SOURCE) -> dict:
             "pooled_ceiling_seconds_per_step": pooled, "projected_with_pooled_ceiling": pooled_projected,
             "error_with_pooled_ceiling": pooled_projected / measured - 1,
         })
-    checked = [r for r in out if "error" in r]
+    checked = cells(out)
     return {
         "source": str(source.resolve().relative_to(ROOT)) if source.resolve().is_relative_to(ROOT) else str(source), "source_command": data.get("command"),
         "source_date": data.get("date"), "source_machine": data.get("machine"),
@@ -144,29 +144,50 @@ def validate(data: dict, source: Path = SOURCE) -> dict:
             "one collective = latency + 2(R-1)/R x bytes x 8 / rate; overlapped rounds hide min(it, tau t)",
             "local methods: one collective per round; data parallel: one per step, not overlapped",
         ],
-        "rows": out,
+        "cells": checked, "rows": out,
     }
 
 
+def cells(rows: list[dict]) -> list[dict]:
+    """One check per (bandwidth, method): the median projection (each repeat with its own ceiling)
+    against the median measurement, so a cell is judged as the throughput table reports it."""
+    out = []
+    checked = [r for r in rows if "error" in r]
+    for key in dict.fromkeys((r["bandwidth_mbit"], r["method"]) for r in checked):
+        runs = [r for r in checked if (r["bandwidth_mbit"], r["method"]) == key]
+        measured = statistics.median(r["measured_seconds_per_step"] for r in runs)
+        projected = statistics.median(r["projected_seconds_per_step"] for r in runs)
+        error = projected / measured - 1
+        out.append({"bandwidth_mbit": key[0], "method": key[1], "repeats": len(runs),
+                    "ceiling_seconds_per_step": statistics.median(r["ceiling_seconds_per_step"] for r in runs),
+                    "measured_seconds_per_step": measured, "projected_seconds_per_step": projected,
+                    "error": error, "within_target": abs(error) <= TARGET,
+                    "row_errors": [r["error"] for r in runs],
+                    "error_with_pooled_ceiling": statistics.median(r["error_with_pooled_ceiling"] for r in runs),
+                    "inputs_note": runs[0]["inputs_note"]})
+    return out
+
+
 def table(result: dict) -> list[str]:
-    lines = ["| Mbit/s | method | ceiling ms | measured ms/step | projected ms/step | error | within 10% | "
-             "error, pooled ceiling | inputs |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | --- |"]
-    for r in result["rows"]:
-        if "error" not in r:
-            lines.append(f"| {r['bandwidth_mbit']:g} | {r['method']} | - | - | - | - | {r['skipped']} | - | - |")
-            continue
+    lines = ["| Mbit/s | method | runs | ceiling ms | measured ms/step | projected ms/step | error | within 10% | "
+             "error per run | error, pooled ceiling | inputs |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | --- |"]
+    for r in result["cells"]:
         lines.append(
-            f"| {r['bandwidth_mbit']:g} | {r['method']} | {r['ceiling_seconds_per_step'] * 1e3:.0f} | "
+            f"| {r['bandwidth_mbit']:g} | {r['method']} | {r['repeats']} | {r['ceiling_seconds_per_step'] * 1e3:.0f} | "
             f"{r['measured_seconds_per_step'] * 1e3:.0f} | {r['projected_seconds_per_step'] * 1e3:.0f} | "
             f"{r['error']:+.1%} | {'yes' if r['within_target'] else 'MISSED'} | "
-            f"{r['error_with_pooled_ceiling']:+.1%} | {r['inputs_note']} |")
+            f"{', '.join(f'{e:+.0%}' for e in r['row_errors'])} | {r['error_with_pooled_ceiling']:+.1%} | "
+            f"{r['inputs_note']} |")
+    for r in {(r["bandwidth_mbit"], r["method"]): r for r in result["rows"] if "skipped" in r}.values():
+        lines.append(f"| {r['bandwidth_mbit']:g} | {r['method']} | - | - | - | - | - | {r['skipped']} | - | - | - |")
     return lines
 
 
 def docs_section(result: dict) -> str:
     pooled = next((r["pooled_ceiling_seconds_per_step"] for r in result["rows"] if "error" in r), None)
-    ceilings = sorted({round(r["ceiling_seconds_per_step"] * 1e3) for r in result["rows"] if "error" in r})
+    ceilings = [round(r["ceiling_seconds_per_step"] * 1e3) for r in result["rows"] if "error" in r]
+    ceilings = f"{min(ceilings)}-{max(ceilings)}" if ceilings else "-"
     return "\n".join([
         BEGIN,
         f"Source: `{result['source']}` (`{result['source_command']}`, {result['source_date']}, "
@@ -174,10 +195,11 @@ def docs_section(result: dict) -> str:
         "",
         *table(result),
         "",
-        f"**{result['within_target']} of {result['checked']} rows within {result['target']:.0%}.** "
-        f"\"error\" = projected / measured - 1 with t = the ceiling of the same bandwidth "
-        f"({', '.join(map(str, ceilings))} ms across the bandwidths); \"pooled ceiling\" uses their median "
-        f"({pooled * 1e3:.0f} ms) for every row instead, to show how much of the error is the ceiling's own noise."
+        f"**{result['within_target']} of {result['checked']} cells within {result['target']:.0%}.** "
+        f"\"error\" = median projected / median measured - 1 over a cell's runs, each run projected with "
+        f"t = the ceiling of its own sweep, repeat and bandwidth ({ceilings} ms); \"pooled ceiling\" uses their "
+        f"median ({pooled * 1e3:.0f} ms) for every run instead, to show how much of the error is the ceiling's "
+        f"own noise."
         if pooled else "No rows to check.",
         END,
     ])
@@ -191,7 +213,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     result = validate(json.loads(args.source.read_text()), args.source)
     print("\n".join(table(result)))
-    print(f"{result['within_target']} of {result['checked']} rows within {result['target']:.0%}")
+    print(f"{result['within_target']} of {result['checked']} cells within {result['target']:.0%}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     if args.write_docs:

@@ -84,6 +84,10 @@ def test_compressed_bytes():
     assert pj.round_link_bytes(inputs(**four)) == 1.5 * 4e6
     assert pj.round_link_bytes(inputs(**four, compress="bf16")) == 3 * 2e6  # more than fp32's ring at R = 4
     assert pj.round_link_bytes(inputs(**four, compress="int8")) == 3 * 1_015_628
+    # the owner route sums segments at their owners and all-gathers the sums: a ring's 2(R-1)/R rows
+    assert pj.round_link_bytes(inputs(**four, compress="int8", compress_route="owner")) == 1.5 * 1_015_628
+    assert pj.round_link_bytes(inputs(state_bytes=4e6, state_elements=1e6, compress="bf16",
+                                      compress_route="owner")) == 2e6  # R = 2: the same bytes as gather
     # a state already in bf16 gains nothing from bf16 rounds
     assert pj.wire_bytes(inputs(state_bytes=2e6, state_elements=1e6, compress="bf16")) == 2e6
 
@@ -105,6 +109,7 @@ def test_project_puts_methods_side_by_side():
     ("overlap_steps", -1, "overlap_steps: must be an integer >= 0"),
     ("dp_overlap", 1.5, "dp_overlap: must be a fraction between 0 and 1"),
     ("compress", "zstd", "compress: must be one of none, bf16, int8"),
+    ("compress_route", "ring", "compress_route: must be one of gather, owner"),
     ("latency_s", -1e-3, "latency_s: must be a finite number >= 0"),
 ])
 def test_bad_inputs_name_the_field(field, value, needle):
@@ -183,6 +188,7 @@ def test_text_table_and_model_bytes(capsys):
     (["--step-time", "0"], "error: --step-time: must be a finite number > 0"),
     (["--params", "lots"], "error: --params: cannot read 'lots'"),
     (["--compress", "zstd"], "error: --compress: must be one of none, bf16, int8"),
+    (["--compress-route", "ring"], "error: --compress-route: must be one of gather, owner"),
     (["--dp-overlap", "2"], "error: --dp-overlap: must be a fraction"),
     (["--overlap-steps", "-1"], "error: --overlap-steps: must be an integer >= 0"),
     (["--int8-block", "0"], "error: --int8-block: must be an integer >= 1"),
@@ -248,13 +254,17 @@ def test_validator_projects_rows_from_measured_inputs():
              bytes_across_replicas=14 * 7.5e6, repeat=0),
         dict(base, method="data_parallel", seconds_per_step=1.5, rounds=40, link_bytes=2 * 40 * 6.25e6,
              bytes_across_replicas=0, repeat=0),
+        # torchft's LocalSGD runs H = h_base = 2 throughout: 20 rounds in 40 steps, not the QSR schedule's 14
+        dict(base, method="torchft_localsgd", seconds_per_step=0.3 + 20 * 1.2 / 40, rounds=20,
+             bytes_across_replicas=20 * 7.5e6, repeat=0),
         dict(base, method="ceiling", median_seconds_per_step=0.5, repeat=1),
         dict(base, method="qsr", median_seconds_per_step=0.5, rounds=13, bytes_across_replicas=13 * 7.5e6, repeat=1),
         dict(base, method="torchft_diloco", seconds_per_step=0.4, link_bytes=1e6, repeat=1),
         dict(base, method="qsr", seconds_per_step=0.4, rounds=14, bytes_across_replicas=1e6, repeat=2),
     ]
     got = v.validate({"rows": rows})
-    qsr, dp, odd, peer, lonely = got["rows"]
+    qsr, dp, torchft, odd, peer, lonely = got["rows"]
+    assert torchft["inputs_note"] == "20 rounds" and torchft["error"] == pytest.approx(0.0, abs=1e-12)
     assert peer["skipped"].startswith("skipped: no bytes per round") and "error" not in peer
     assert lonely["skipped"] == "skipped: no ceiling row"
     assert qsr["projected_seconds_per_step"] == pytest.approx(0.72) and qsr["error"] == pytest.approx(0.0, abs=1e-12)
@@ -264,4 +274,12 @@ def test_validator_projects_rows_from_measured_inputs():
     assert odd["ceiling_seconds_per_step"] == 0.5  # its own repeat's ceiling
     assert odd["inputs_note"].startswith("schedule not rebuilt")
     assert odd["projected_seconds_per_step"] == pytest.approx(0.5 + 13 * 1.2 / 40)
+    # judged per cell, as the throughput table reports: medians over the cell's runs
+    cells = {(c["bandwidth_mbit"], c["method"]): c for c in got["cells"]}
+    assert list(cells) == [(50.0, "qsr"), (50.0, "data_parallel"), (50.0, "torchft_localsgd")]
+    two = cells[(50.0, "qsr")]
+    assert two["repeats"] == 2 and two["row_errors"] == [qsr["error"], odd["error"]]
+    assert two["measured_seconds_per_step"] == pytest.approx((0.72 + 0.5) / 2)
+    assert two["projected_seconds_per_step"] == pytest.approx((0.72 + 0.5 + 13 * 1.2 / 40) / 2)
+    assert not two["within_target"] and cells[(50.0, "torchft_localsgd")]["within_target"]
     assert (got["checked"], got["within_target"]) == (3, 1)
