@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(300)
 SUMMARY_KEYS = {
     "engine", "zero_stage", "config", "num_replicas", "ranks_per_replica", "world_size", "params", "seed", "steps",
     "rounds", "planned_rounds", "bytes_across_replicas", "bytes_data_parallel", "sync_seconds", "sync_split_seconds",
-    "seconds_per_round",
+    "seconds_per_round", "round_memory_bytes_per_rank",
     "seconds_per_step", "train_seconds_this_run", "first_loss", "final_loss", "last_train_loss", "replica_fingerprints",
 }
 
