@@ -36,9 +36,9 @@ from torch import Tensor
 
 from .averager import ReplicaAverager, ReplicaCommError, RoundStats
 from .compress_wire import FP32_BYTES, WireBucket, plan_wire, row_views, view
+from .config import COMPRESS_ROUTES as ROUTES
 
 MODES = ("bf16", "int8")
-ROUTES = ("gather", "owner")
 DEFAULT_BLOCK = 256
 MAX_BLOCK = 4096  # the C++ kernel keeps one block of d on the stack
 

@@ -30,8 +30,9 @@ import math
 import re
 from dataclasses import asdict, dataclass
 
+from .config import COMPRESS_ROUTES as ROUTES
+
 COMPRESS = ("none", "bf16", "int8")
-ROUTES = ("gather", "owner")
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp64": 8, "float64": 8}
 
 
