@@ -43,7 +43,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks.accuracy_rounds import ReplicaRounds, RoundVariant, average_replicas_  # noqa: E402,F401
-from qsr_ds.averager import flatten_into_buffer  # noqa: E402
+from qsr_ds.layout import flatten_into_buffer  # noqa: E402
 from qsr_ds.schedule import SyncSchedule, SyncTracker  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")

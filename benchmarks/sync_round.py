@@ -76,7 +76,8 @@ def _worker(rank: int, world_size: int, size: str, dims: tuple, dtype: str, warm
     import torch.distributed as dist
     from torch.distributed.algorithms.model_averaging.utils import average_parameters
 
-    from qsr_ds.averager import ReplicaAverager, flatten_into_buffer
+    from qsr_ds.averager import ReplicaAverager
+    from qsr_ds.layout import flatten_into_buffer
     from qsr_ds.kernels import get_backend
     from qsr_ds.topology import Topology
 

@@ -5,14 +5,16 @@ fingerprint, step count and a non-finite flag) so that every rank agrees to go o
 the same error before anything is written; then large contiguous fp32 tensors are all-reduced in place (zero
 copy) and everything else is packed into fp32 buckets pre-scaled by 1/R, all-reduced
 (SUM) over the replica group and unpacked. Bucket i's all-reduce runs while bucket i+1
-packs; two buckets of scratch per device at most.
+packs; two buckets of scratch per device at most. Bucket sizes ramp up from 1/16 of
+``bucket_mb`` and down again at the end, so the first pack and the last unpack, which
+nothing hides, are short; a blocking round scans for NaN/Inf while its first bucket is on
+the wire, and agrees on the result before it writes anything.
 """
 from __future__ import annotations
 
-import hashlib
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -20,6 +22,7 @@ from torch import Tensor
 
 from . import precheck
 from .kernels import get_backend
+from .layout import Bucket, fingerprint, layout_of, plan_buckets
 from .precheck import ReplicaCommError, ReplicaMismatchError, Verdict
 from .topology import Topology
 
@@ -83,44 +86,6 @@ def round_split(totals) -> dict[str, float]:
     return {key: float(getattr(totals, key, 0.0)) for key in ROUND_PARTS}
 
 
-@dataclass
-class _Bucket:
-    device: torch.device
-    sources: list[Tensor] = field(default_factory=list)
-    copies: list[Tensor | None] = field(default_factory=list)
-    offsets: list[int] = field(default_factory=list)
-    numel: int = 0
-
-
-def _flat_chunks(tensor: Tensor, chunk: int) -> list[Tensor]:
-    if not tensor.is_contiguous() or tensor.numel() <= chunk:
-        return [tensor]
-    flat = tensor.view(-1)
-    return [flat[i : i + chunk] for i in range(0, flat.numel(), chunk)]
-
-
-def layout_of(named: Sequence[tuple[str, Tensor]]) -> list[tuple[str, tuple, str]]:
-    return [(name, tuple(t.shape), str(t.dtype).replace("torch.", "")) for name, t in named]
-
-
-def module_signature(module) -> list[tuple[str, tuple, str]]:
-    """(name, shape, dtype) of every parameter of a module, in registration order.
-
-    For averagers whose tensors are flat shards (ZeRO): two replicas running different model
-    code can hold shards of the same size, which the shards' own layout cannot tell apart.
-    Partitioned ZeRO-3 parameters report their full shape (``ds_shape``).
-    """
-    return [
-        (f"module:{name}", tuple(getattr(p, "ds_shape", None) or p.shape), str(p.dtype).replace("torch.", ""))
-        for name, p in module.named_parameters()
-    ]
-
-
-def fingerprint(layout: Iterable[tuple]) -> int:
-    digest = hashlib.sha256(repr(list(layout)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 62) - 1)
-
-
 class ReplicaAverager:
     """Averages a fixed set of tensors over ``topology.replica_group``.
 
@@ -163,37 +128,13 @@ class ReplicaAverager:
         self.layout = self.signature + layout_of(self.named)  # a model difference is named first
         self.fingerprint = fingerprint(self.layout)
         self.bucket_numel = max(1, int(bucket_mb * 2**20) // FP32_BYTES)
-        self.in_place: list[Tensor] = []
-        self.buckets: list[_Bucket] = []
-        self._plan(copies)
+        self.in_place, self.buckets = plan_buckets(self.named, copies, self.bucket_numel)
         devices = {t.device for _, t in self.named} or {torch.device("cpu")}
         self.backends = {d: get_backend(kernel, d) for d in devices}
         self.kernel_names = sorted({b.name for b in self.backends.values()})
         self._scratch: dict[torch.device, list[Tensor]] = {}
         self.totals = AveragerTotals()
         self.last: RoundStats | None = None
-
-    def _plan(self, copies: Mapping[str, Tensor]) -> None:
-        open_buckets: dict[tuple, _Bucket] = {}
-        for name, t in self.named:
-            copy = copies.get(name)
-            if copy is None and t.dtype == torch.float32 and t.is_contiguous() and t.numel() >= self.bucket_numel // 2:
-                self.in_place.append(t)
-                continue
-            sources = _flat_chunks(t, self.bucket_numel)
-            copy_chunks = _flat_chunks(copy, self.bucket_numel) if copy is not None else [None] * len(sources)
-            if len(copy_chunks) != len(sources):  # a non-contiguous copy: keep the tensor whole
-                sources, copy_chunks = [t], [copy]
-            for src, cp in zip(sources, copy_chunks):
-                key = (t.device, t.dtype)
-                bucket = open_buckets.get(key)
-                if bucket is None or bucket.numel + src.numel() > self.bucket_numel and bucket.sources:
-                    bucket = open_buckets[key] = _Bucket(t.device)
-                    self.buckets.append(bucket)
-                bucket.sources.append(src)
-                bucket.copies.append(cp)
-                bucket.offsets.append(bucket.numel)
-                bucket.numel += src.numel()
 
     @property
     def num_replicas(self) -> int:
@@ -208,7 +149,7 @@ class ReplicaAverager:
         """Peak extra memory of a round: at most two buckets per device."""
         return sum(FP32_BYTES * s.numel() for bufs in self._scratch.values() for s in bufs)
 
-    def _scratch_for(self, i: int, bucket: _Bucket) -> Tensor:
+    def _scratch_for(self, i: int, bucket: Bucket) -> Tensor:
         bufs = self._scratch.get(bucket.device)
         if bufs is None:
             size = max(b.numel for b in self.buckets if b.device == bucket.device)
@@ -232,12 +173,14 @@ class ReplicaAverager:
         start = time.perf_counter()
         round_no = self.totals.rounds + 1
         if verdict is None:
-            verdict = self.check(step, what=f"sync round {round_no}", lr=lr)
+            verdict = self.check(step, what=f"sync round {round_no}", lr=lr, scan=False)
         else:
             start -= verdict.wait_s  # the round's time includes its pre-check wherever it ran
         stats.lr, stats.check_s = verdict.lr, verdict.wait_s
         try:
-            self._reduce(stats)
+            self._reduce(stats, None if verdict.scanned else self._finite_check(step), what=f"sync round {round_no}")
+        except (ReplicaMismatchError, ReplicaCommError):
+            raise
         except RuntimeError as err:
             raise ReplicaCommError(
                 f"sync round {round_no}: all-reduce over the replica group (ranks {self.topology.replica_group_ranks}) "
@@ -249,18 +192,21 @@ class ReplicaAverager:
         self._record(stats)
         return stats
 
-    def check(self, step: int | None = None, *, what: str = "replica check", lr: float | None = None) -> Verdict:
+    def check(self, step: int | None = None, *, what: str = "replica check", lr: float | None = None,
+              scan: bool = True) -> Verdict:
         """A round's pre-check alone: every rank agrees on layout (and signature), step and finiteness.
 
         Raises the same ReplicaMismatchError on every rank, or ReplicaCommError when a rank is gone;
         for collectives over the replica group other than a round (e.g. the start-up broadcast).
-        Returns replica 0's ``lr`` (see qsr_ds/precheck.py).
+        Returns replica 0's ``lr`` (see qsr_ds/precheck.py). ``scan=False`` leaves finiteness to
+        the round (``average`` hides the scan behind its first bucket; ``require_finite``).
         """
         if self.num_replicas == 1:
             return Verdict(lr=lr, wait_s=0.0)
+        nonfinite = self._first_nonfinite() if scan or not self.check_finite else None
         try:
             return precheck.agree(
-                self.topology, fingerprint=self.fingerprint, step=step, nonfinite_index=self._first_nonfinite(),
+                self.topology, fingerprint=self.fingerprint, step=step, nonfinite_index=nonfinite,
                 lr=lr, device=next(iter(self.backends)), layout=self.layout, signature_len=len(self.signature),
                 names=[n for n, _ in self.named],
             )
@@ -272,21 +218,67 @@ class ReplicaAverager:
                 f"(a rank died or timed out?); nothing was averaged: {err}"
             ) from err
 
-    def _reduce(self, stats: RoundStats) -> None:
+    def require_finite(self, verdict: Verdict, step: int | None, *, what: str) -> Verdict:
+        """``verdict`` with finiteness agreed too (scanning now if ``check`` left it out)."""
+        if verdict.scanned:
+            return verdict
+        gate = self._finite_check(step)
+        try:
+            gate.start(self._first_nonfinite())
+            gate.wait()
+        except ReplicaMismatchError:
+            raise
+        except RuntimeError as err:
+            raise ReplicaCommError(f"{what}: the NaN/Inf check over the replica and shard groups failed "
+                                   f"(a rank died or timed out?); nothing was averaged: {err}") from err
+        return Verdict(lr=verdict.lr, wait_s=verdict.wait_s + gate.wait_s)
+
+    def _finite_check(self, step: int | None) -> precheck.FiniteCheck:
+        return precheck.FiniteCheck(self.topology, fingerprint=self.fingerprint, step=step,
+                                    device=next(iter(self.backends)), names=[n for n, _ in self.named])
+
+    def _reduce(self, stats: RoundStats, gate: precheck.FiniteCheck | None = None, *, what: str = "") -> None:
+        """Buckets, then the in-place tensors. ``gate``: the NaN/Inf verdict still to agree on; the
+        scan runs while bucket 0 is on the wire, and nothing of this rank's is written before it passes."""
         group, scale = self.topology.replica_group, 1.0 / self.num_replicas
-        for t in self.in_place:
-            t.mul_(scale)
-        handles = [dist.all_reduce(t, group=group, async_op=True) for t in self.in_place]
+        sent = []
+
+        def passed() -> None:
+            nonlocal gate
+            if gate is None:
+                return
+            if not gate.started:
+                gate.start(self._first_nonfinite())
+            try:
+                stats.check_s += gate.wait()
+            except ReplicaMismatchError:
+                for work in sent:  # every rank drains the same all-reduces, then raises
+                    work.wait()
+                raise
+            except RuntimeError as err:
+                raise ReplicaCommError(f"{what}: the NaN/Inf check over the replica and shard groups failed "
+                                       f"(a rank died or timed out?); nothing of this rank's was written, but "
+                                       f"the world is broken: resume from the last checkpoint: {err}") from err
+            gate = None
+
         pending = None
         for i, bucket in enumerate(self.buckets):
             buf = self._scratch_for(i, bucket)
             t0 = time.perf_counter()
             self.backends[bucket.device].pack(bucket.sources, buf, bucket.offsets, scale)
             stats.pack_s += time.perf_counter() - t0
-            work = dist.all_reduce(buf, group=group, async_op=True)
+            sent.append(dist.all_reduce(buf, group=group, async_op=True))
+            if gate is not None and not gate.started:
+                gate.start(self._first_nonfinite())
             if pending is not None:
+                passed()
                 self._finish(*pending, stats)
-            pending = (bucket, buf, work)
+            pending = (bucket, buf, sent[-1])
+        passed()
+        handles = []
+        for t in self.in_place:  # scale, then send at once: the next tensor scales while this one is on the wire
+            t.mul_(scale)
+            handles.append(dist.all_reduce(t, group=group, async_op=True))
         if pending is not None:
             self._finish(*pending, stats)
         t0 = time.perf_counter()
@@ -296,7 +288,7 @@ class ReplicaAverager:
         if any(d.type == "cuda" for d in self.backends):
             torch.cuda.synchronize()
 
-    def _finish(self, bucket: _Bucket, buf: Tensor, work, stats: RoundStats) -> None:
+    def _finish(self, bucket: Bucket, buf: Tensor, work, stats: RoundStats) -> None:
         t0 = time.perf_counter()
         work.wait()
         t1 = time.perf_counter()
@@ -369,23 +361,3 @@ class ReplicaAverager:
             if (j := self.backends[d].first_nonfinite([self.scan[i][1] for i in idx])) >= 0
         ]
         return min(found, default=-1)
-
-
-def flatten_into_buffer(tensors: Sequence[Tensor]) -> Tensor:
-    """Re-point fp32 tensors (e.g. parameters) as views of one new flat fp32 buffer.
-
-    Later rounds all-reduce that buffer in place: no packing at all.
-    """
-    if not tensors:
-        raise ValueError("nothing to flatten")
-    devices = {t.device for t in tensors}
-    if len(devices) != 1 or any(t.dtype != torch.float32 for t in tensors):
-        raise TypeError("flatten_into_buffer needs fp32 tensors on one device")
-    flat = torch.empty(sum(t.numel() for t in tensors), dtype=torch.float32, device=devices.pop())
-    offset = 0
-    for t in tensors:
-        view = flat[offset : offset + t.numel()].view_as(t)
-        view.copy_(t)
-        t.data = view
-        offset += t.numel()
-    return flat

@@ -119,7 +119,7 @@ def list_files(save_dir: str | os.PathLike, tag: str, num_replicas: int, layout:
 
 def model_layout(module) -> list[list]:
     """[name, shape] of every parameter in registration order (full shapes under ZeRO-3), for the manifest."""
-    from .averager import module_signature
+    from .layout import module_signature
 
     return [[name.removeprefix("module:"), list(shape)] for name, shape, _ in module_signature(module)]
 

@@ -163,6 +163,7 @@ class CompressedAverager(ReplicaAverager):
             verdict = self.check(step, what=f"sync round {self.totals.rounds + 1}", lr=lr)
         else:
             start -= verdict.wait_s
+            verdict = self.require_finite(verdict, step, what=f"sync round {self.totals.rounds + 1}")
         live = [t for _, t in self.named]
         stats = self.exchange(live, live, copies=self.copy_of)
         stats.lr, stats.check_s = verdict.lr, verdict.wait_s

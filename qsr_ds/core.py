@@ -27,6 +27,7 @@ from torch import Tensor
 
 from . import checkpoint
 from .averager import AveragerTotals, ReplicaAverager, RoundStats
+from .precheck import ReplicaMismatchError
 from .schedule import SyncSchedule, SyncTracker
 from .topology import Topology
 
@@ -198,12 +199,18 @@ class SyncCore:
         then average now (blocking) or start the all-reduce behind the next tau steps."""
         plan = self.sync_plan()
         averager = self._averager_for(plan)
-        verdict = averager.check(step, what=f"sync round {self.totals.rounds + 1}", lr=self.current_lr())
+        # finiteness is agreed by the round itself (a blocking one hides the scan behind its first bucket)
+        verdict = averager.check(step, what=f"sync round {self.totals.rounds + 1}", lr=self.current_lr(), scan=False)
+        before = self.tracker.state_dict()
         self.tracker.on_step(verdict.lr)
         tau = self.settings.overlap_steps
-        if tau and self.num_replicas > 1 and not self.tracker.finished and self.tracker.current_h > tau:
-            return self._overlap_for(averager).start(step, verdict=verdict)
-        return self._average_now(plan, averager, step, verdict)
+        try:
+            if tau and self.num_replicas > 1 and not self.tracker.finished and self.tracker.current_h > tau:
+                return self._overlap_for(averager).start(step, verdict=verdict)
+            return self._average_now(plan, averager, step, verdict)
+        except ReplicaMismatchError:  # a NaN/Inf refused the round: the schedule stays where it was too
+            self.tracker.load_state_dict(before)
+            raise
 
     def _average_now(self, plan: SyncPlan, averager, step: int | None, verdict=None) -> RoundStats:
         stats = averager.average(step=step, lr=self.current_lr() if verdict is None else verdict.lr, verdict=verdict)

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .averager import flatten_into_buffer, module_signature
+from .layout import flatten_into_buffer, module_signature
 from .core import SyncPlan
 from .selection import optimizer_state_tensors
 

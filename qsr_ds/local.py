@@ -26,7 +26,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .averager import flatten_into_buffer, module_signature
+from .layout import flatten_into_buffer, module_signature
 from .core import SyncCore, SyncPlan, SyncSettings
 from .schedule import SyncSchedule
 from .selection import averaged_tensors

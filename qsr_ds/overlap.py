@@ -172,6 +172,7 @@ class OverlappedRound:
             verdict = self.averager.check(step, what=f"overlapped sync round {round_no}", lr=lr)
         else:
             t0 -= verdict.wait_s  # the round's time includes its pre-check wherever it ran
+            verdict = self.averager.require_finite(verdict, step, what=f"overlapped sync round {round_no}")
         stats = OverlapStats(tensors=len(self.averager.named), buckets=self.segments, lr=verdict.lr,
                              check_s=verdict.wait_s, overlap_steps=self.overlap_steps, started_step=step,
                              apply_step=step + self.overlap_steps)

@@ -13,6 +13,10 @@ the world:
 
 Only when the verdict is bad do the ranks exchange the detailed header (one row per rank,
 over the world) to name the replica and the tensor in one message that every rank raises.
+
+The NaN/Inf scan reads every averaged byte. A blocking round may agree on it later
+(``agree(nonfinite_index=None)`` now, ``FiniteCheck`` after its first bucket is on the
+wire): the packed buckets only fill scratch, so nothing is written before the verdict.
 """
 from __future__ import annotations
 
@@ -53,6 +57,8 @@ class Verdict:
     """Replica 0's learning rate (None when none was given)."""
     wait_s: float
     """Time in the two small all-reduces: mostly waiting for the slowest replica to arrive."""
+    scanned: bool = True
+    """Whether finiteness was agreed too; if not, a ``FiniteCheck`` must pass before anything is written."""
 
 
 def agree(
@@ -60,7 +66,7 @@ def agree(
     *,
     fingerprint: int,
     step: int | None,
-    nonfinite_index: int,
+    nonfinite_index: int | None,
     lr: float | None = None,
     device: torch.device | str = "cpu",
     layout=None,
@@ -69,6 +75,9 @@ def agree(
 ) -> Verdict:
     """Agree on layout, step and finiteness over all ranks; returns replica 0's ``lr``.
 
+    ``nonfinite_index``: the first tensor holding NaN/Inf, -1 if none, None if not scanned yet
+    (the verdict then says ``scanned=False``).
+
     ``layout`` (a list of (name, shape, dtype), the first ``signature_len`` of them the
     model's parameters) and ``names`` (the averaged tensors' names) are only read on the
     error path, to say what differs.
@@ -76,6 +85,8 @@ def agree(
     step_value = -1 if step is None else int(step)
     has_lr = lr is not None
     lr_value = _lr_bits(lr) if has_lr and topology.replica_index == 0 else INT64_MIN
+    scanned = nonfinite_index is not None
+    nonfinite_index = nonfinite_index if scanned else -1
     row = [fingerprint, -fingerprint, step_value, -step_value, int(nonfinite_index >= 0), lr_value]
     start = time.perf_counter()
     mine = torch.tensor(row, dtype=torch.int64, device=device)
@@ -91,7 +102,45 @@ def agree(
     if verdict:
         _raise_detailed(topology, [fingerprint, nonfinite_index, step_value], device, layout or [], signature_len,
                         names or [])
-    return Verdict(lr=_lr_of(lr_agreed) if has_lr else None, wait_s=wait_s)
+    return Verdict(lr=_lr_of(lr_agreed) if has_lr else None, wait_s=wait_s, scanned=scanned)
+
+
+class FiniteCheck:
+    """The finiteness half of the pre-check, for a round whose layout and step are already agreed.
+
+    ``start`` sends this rank's flag (one int64, MAX over the replica group) behind whatever is
+    already queued on that group; ``wait`` finishes it (and the shard group's MAX) and raises the
+    same ReplicaMismatchError on every rank when any holds NaN/Inf.
+    """
+
+    def __init__(self, topology: Topology, *, fingerprint: int, step: int | None, device, names=()) -> None:
+        self.topology, self.fingerprint, self.device, self.names = topology, fingerprint, device, list(names)
+        self.step = -1 if step is None else int(step)
+        self.index, self._flag, self._work, self.wait_s = -1, None, None, 0.0
+
+    @property
+    def started(self) -> bool:
+        return self._flag is not None
+
+    def start(self, nonfinite_index: int) -> None:
+        self.index = nonfinite_index
+        self._flag = torch.tensor([int(nonfinite_index >= 0)], dtype=torch.int64, device=self.device)
+        self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self.topology.replica_group,
+                                     async_op=True)
+
+    def wait(self) -> float:
+        """Seconds spent waiting; raises ReplicaMismatchError (on every rank) if any rank holds NaN/Inf."""
+        start = time.perf_counter()
+        self._work.wait()
+        bad = int(self._flag.item())
+        if self.topology.ranks_per_replica > 1:
+            flag = torch.tensor([bad], dtype=torch.int64, device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.topology.shard_group)
+            bad = int(flag.item())
+        self.wait_s = time.perf_counter() - start
+        if bad:
+            _raise_detailed(self.topology, [self.fingerprint, self.index, self.step], self.device, [], 0, self.names)
+        return self.wait_s
 
 
 def _raise_detailed(topology: Topology, row: list[int], device, layout, signature_len, names) -> None:

@@ -142,6 +142,50 @@ def test_precheck_is_fixed_size_and_agrees_on_replica0s_lr():
     assert results[0][1] == results[2][1] and results[1][1][0] == [1.0] * 5
 
 
+def _refused_round_worker(rank, world, flatten):
+    """An Inf on replica 1 at a boundary: the round is refused on both ranks before anything is written,
+    and the schedule does not move (a blocking round agrees on NaN/Inf after its first bucket is sent)."""
+    from qsr_ds.averager import ReplicaMismatchError
+
+    topo = Topology.create(1, timeout_s=30)
+    torch.manual_seed(0)
+    model = TwoLayers()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.02)
+    local = LocalOptimizer(opt, model, schedule=SCHEDULE, topology=topo, bucket_mb=0.0001, flatten_params=flatten)
+    for step in range(2):  # step 2 closes the first round
+        x, y = _batch(step, rank)  # each replica its own data: after two steps they differ everywhere
+        nn.functional.mse_loss(model(x), y).backward()
+        if step == 1 and rank == 1:
+            with torch.no_grad():
+                model.late.bias.fill_(float("inf"))  # the last tensor (unused by the forward, so AdamW skips it)
+        tracker = local.tracker.state_dict()
+        try:
+            local.step()
+        except ReplicaMismatchError as err:
+            return {"error": str(err), "tracker_unchanged": local.tracker.state_dict() == tracker,
+                    "rounds": local.totals.rounds, "adam_steps": opt.state[model.first.weight]["step"].item(),
+                    "params": _digest(model.parameters()), "layout": (len(local.averager.in_place),
+                                                                      len(local.averager.buckets))}
+        local.zero_grad()
+    return {"error": None}
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+def test_a_refused_round_writes_nothing_and_leaves_the_schedule(flatten):
+    results = run_ranks(_refused_round_worker, 2, flatten)
+    for res in results:
+        assert res["error"] is not None and "replica 1 (rank 1) holds NaN or Inf" in res["error"], res
+        assert res["tracker_unchanged"] and res["rounds"] == 0 and res["adam_steps"] == 2
+    # flat: one in-place buffer. Per tensor (26-element buckets): first.weight in place, and the
+    # ramp gives first.bias, late.weight, late.bias a bucket each, the first sent before the verdict
+    assert results[0]["layout"] == ((1, 0) if flatten else (1, 3))
+    assert "late.bias" in results[1]["error"] or flatten, results[1]["error"]
+    mine, other = results[0]["params"], results[1]["params"]
+    assert all(torch.isfinite(p).all() for p in mine), "replica 0 received replica 1's Inf"
+    for a, b in zip(mine[:2], other[:2]):  # first.weight, first.bias: trained apart, not averaged
+        assert not torch.equal(a, b)
+
+
 def _fsdp_worker(rank, world, tmp, mode):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 

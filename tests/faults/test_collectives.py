@@ -46,14 +46,10 @@ def _worker(rank, world, mode):
             os.kill(os.getpid(), signal.SIGKILL if mode == "die" else signal.SIGSTOP)
             return work
 
-        check = averager.check
+        def armed(tensor, *args, **kwargs):  # the checks and the bf16 bucket pass; the 4M-element shard kills
+            return (posted_then_gone if tensor is named[0][1] else all_reduce)(tensor, *args, **kwargs)
 
-        def checked_then_armed(*args, **kwargs):  # the pre-check's all-reduces pass; the round's data one kills
-            verdict = check(*args, **kwargs)
-            dist.all_reduce = posted_then_gone
-            return verdict
-
-        averager.check = checked_then_armed
+        dist.all_reduce = armed
     start = time.perf_counter()
     try:
         averager.average(step=4)
