@@ -153,6 +153,9 @@ def worker(args: argparse.Namespace) -> None:
                     cell[m]["seconds"].append(elapsed)
                     cell[m]["tx_bytes"].append(tx1 - tx0)
                     cell[m]["counted_bytes"].append(stats.bytes if m in averagers else None)
+                    if m in averagers:
+                        cell[m].setdefault("parts", []).append(
+                            {k: getattr(stats, k) for k in ("check_s", "pack_s", "comm_s", "unpack_s")})
         for m, avg in averagers.items():
             cell[m]["kernel"] = avg.kernel_names
             cell[m]["buckets"] = len(getattr(avg, "wire", avg.buckets))
@@ -195,6 +198,10 @@ def _summarize(ranks: list[dict], gbit: float) -> list[dict]:
             for key in ("kernel", "buckets"):
                 if key in cells[0][m]:
                     row[key] = cells[0][m][key]
+            if "parts" in cells[0][m]:  # RoundStats parts: per repeat the slower rank's, then the median
+                row["parts_ms"] = {k: 1e3 * statistics.median(max(c[m]["parts"][i][k] for c in cells)
+                                                              for i in range(len(ts)))
+                                   for k in cells[0][m]["parts"][0]}
             rows.append(row)
         exact = next(r for r in rows if r["dtype"] == dtype and r["method"] == "exact_round")
         for r in rows:
@@ -291,6 +298,11 @@ def target_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _parts(row: dict) -> str:
+    parts = row.get("parts_ms")
+    return " / ".join(f"{parts[k]:.1f}" for k in ("check_s", "pack_s", "comm_s", "unpack_s")) if parts else ""
+
+
 def link_section(data: dict) -> list[str]:
     meta, rows = data["meta"], data["rows"]
     load = " / ".join(f"{x:.1f}" for x in meta["loadavg_before_run"])
@@ -312,11 +324,13 @@ def link_section(data: dict) -> list[str]:
         "is RoundStats.bytes (fp32 bytes all-reduced, or the compressed rows); 'link' what that puts on this "
         "rank's link (a 2-rank ring all-reduce sends the buffer once, a compressed all-gather the other rank's "
         "row: link_bytes_per_round); 'veth' the median tx-counter delta inside each namespace over the timed "
-        "call (mean of both ranks; TCP/IP headers and ACKs included).",
+        "call (mean of both ranks; TCP/IP headers and ACKs included). 'check / pack / wait / unpack': the "
+        "round's RoundStats parts (the slower rank's per repeat, then the median; 'wait' is time blocked on "
+        "all-reduces, the NaN/Inf scan is in none of them).",
         "",
         "| Gbit/s | dtype | method | kernel | median ms | min-max ms | x flat all-reduce | counted MB | link MB | "
-        "veth MB | veth / link | link x exact | veth Gbit/s |",
-        "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "veth MB | veth / link | link x exact | veth Gbit/s | buckets | check / pack / wait / unpack ms |",
+        "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         counted = f"{r['counted_bytes'] / 1e6:.2f}" if r["counted_bytes"] is not None else "-"
@@ -325,7 +339,7 @@ def link_section(data: dict) -> list[str]:
             f"{r['seconds_median'] * 1e3:.1f} | {r['seconds_min'] * 1e3:.1f}-{r['seconds_max'] * 1e3:.1f} | "
             f"{r['ratio_to_allreduce']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | {counted} | "
             f"{r['link_bytes_expected'] / 1e6:.2f} | {r['veth_tx_bytes'] / 1e6:.2f} | {r['veth_over_expected']:.3f} | "
-            f"{r['link_bytes_vs_exact']:.3f} | {r['veth_gbit_per_s']:.2f} |")
+            f"{r['link_bytes_vs_exact']:.3f} | {r['veth_gbit_per_s']:.2f} | {r.get('buckets', '-')} | {_parts(r)} |")
     lines += ["", "### Targets", "", *target_lines(rows)]
     if data.get("notes"):
         lines += ["", "### Reading", "", *[f"- {note}" for note in data["notes"]]]
