@@ -1,5 +1,5 @@
 """Cost of a sync round's pre-check against world size: the old all-gather header vs the new
-fixed-size check (qsr_ds/precheck.py), on CPU gloo ranks with tiny tensors.
+fixed-size check (qsr_ds/sync/precheck.py), on CPU gloo ranks with tiny tensors.
 
     python benchmarks/precheck.py --worlds 2 4 8 16 32 --repeats 3 --calls 40
 
@@ -46,7 +46,7 @@ def _old_precheck(topology, row):
 def _worker(rank, world, repeats, calls):
     import torch
 
-    from qsr_ds import precheck
+    from qsr_ds.sync import precheck
     from qsr_ds.topology import Topology
 
     torch.set_num_threads(1)
@@ -77,7 +77,7 @@ def _worker(rank, world, repeats, calls):
 
 
 def measure(worlds, repeats, calls):
-    from qsr_ds.testing import run_ranks
+    from tests.ranks import run_ranks
 
     rows = []
     for world in worlds:

@@ -3,7 +3,7 @@
 Runs the main job (examples/train_gpt.py, DeepSpeed ZeRO-2, 2 replicas x 2 ranks on gloo over
 loopback) for a few steps in each round mode and reads ``round_memory_bytes_per_rank`` from its
 summary: the bytes the rounds keep allocated beyond the engine's own state on the rank holding
-most (qsr_ds.core.SyncCore.round_memory_bytes). These are counts of allocated tensors, not
+most (qsr_ds.sync.core.SyncCore.round_memory_bytes). These are counts of allocated tensors, not
 timings, so they do not depend on the machine's load.
 
     python benchmarks/round_memory.py      # writes results/round_memory.json and round_memory.md
@@ -67,7 +67,7 @@ def write_report(data: dict) -> None:
         f"{data['rows'][0]['steps']} steps: H = 2, so every round of the overlapped modes but the last overlaps).",
         "",
         "`round_memory_bytes_per_rank`: what the rounds keep allocated beyond the engine's own state, on the "
-        "rank holding most (qsr_ds.core.SyncCore.round_memory_bytes), against one rank's fp32 shard of the "
+        "rank holding most (qsr_ds.sync.core.SyncCore.round_memory_bytes), against one rank's fp32 shard of the "
         "averaged parameters.",
         "",
         "| mode | rounds | MB per rank | x fp32 shard | replicas identical |",
@@ -76,7 +76,7 @@ def write_report(data: dict) -> None:
     for r in data["rows"]:
         lines.append(f"| {r['mode']} | {r['rounds']} | {r['round_memory_bytes_per_rank'] / 1e6:.2f} | "
                      f"{r['x_shard']:.2f} | {'yes' if r['replicas_identical'] else 'NO'} |")
-    lines += ["", "What each mode holds, by construction (qsr_ds/averager.py, overlap.py, compress.py): a blocking "
+    lines += ["", "What each mode holds, by construction (qsr_ds/sync/averager.py, overlap.py, compress.py): a blocking "
               "round its scratch buckets (two at most, each at most `bucket_mb` and at most the shard; none when the "
               "averaged tensors are flat fp32 shards all-reduced in place, as ZeRO's partitions are here); an overlapped "
               "round one fp32 snapshot of the shard plus scratch that the blocking rounds share; a compressed round "

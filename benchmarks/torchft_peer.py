@@ -31,12 +31,13 @@ import train_gpt  # noqa: E402
 from fsdp_engine import FunctionLR  # noqa: E402
 from gpt import param_groups  # noqa: E402
 
-from qsr_ds.averager import ROUND_PARTS  # noqa: E402
+import qsr_ds  # noqa: E402
+
+from qsr_ds.sync.averager import ROUND_PARTS  # noqa: E402
 from qsr_ds.config import read_json  # noqa: E402
 from qsr_ds.config import load as load_qsr  # noqa: E402
-from qsr_ds.ds_state import fingerprint  # noqa: E402
 from qsr_ds.fsdp import default_blocks  # noqa: E402
-from qsr_ds.lr import lr_fn_from_deepspeed  # noqa: E402
+from qsr_ds.planning.lr import lr_fn_from_deepspeed  # noqa: E402
 
 
 class TorchFTTrainer:
@@ -153,7 +154,7 @@ class TorchFTTrainer:
                 **{k: (self.sync_s if k == "comm_s" else 0.0) for k in ROUND_PARTS}}
 
     def fingerprint(self) -> str:
-        return fingerprint([(name, p.full_tensor()) for name, p in self.model.named_parameters()])
+        return qsr_ds.fingerprint(self.model)
 
     def describe(self) -> str:
         return f"FSDP2 + torchft LocalSGD (sync_every {self.sync_every}), torchft replica group {self.torchft_replica}"

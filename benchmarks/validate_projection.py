@@ -1,4 +1,4 @@
-"""Check the wall-time planner (qsr_ds.projection) against the measured shaped-link runs.
+"""Check the wall-time planner (qsr_ds.planning.projection) against the measured shaped-link runs.
 
 Reads benchmarks/results/throughput.json (written by throughput.py; this runs nothing),
 projects every measured row with the planner's cost model from measured inputs only, and
@@ -32,8 +32,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 from qsr_ds.config import from_dict  # noqa: E402
-from qsr_ds.lr import lr_fn_from_deepspeed  # noqa: E402
-from qsr_ds.projection import CostInputs, project_data_parallel, project_rounds  # noqa: E402
+from qsr_ds.planning.lr import lr_fn_from_deepspeed  # noqa: E402
+from qsr_ds.planning.projection import CostInputs, project_data_parallel, project_rounds  # noqa: E402
 
 SOURCE = HERE / "results" / "throughput.json"
 OUT = HERE / "results" / "projection_validation.json"

@@ -6,7 +6,7 @@ bar and summary as the DeepSpeed job, with FSDP2 inside each replica.
 The DeepSpeed JSON is read for the same settings the DeepSpeed job takes from it, so the two
 runs compare like for like: the "qsr" section, train_micro_batch_size_per_gpu,
 gradient_accumulation_steps, the AdamW "optimizer" params, the "scheduler" (reproduced
-exactly by qsr_ds.lr), gradient_clipping and bf16 (a MixedPrecisionPolicy with bf16
+exactly by qsr_ds.planning.lr), gradient_clipping and bf16 (a MixedPrecisionPolicy with bf16
 compute and fp32 gradient reduction; the sharded fp32 parameters are what QSR averages).
 "zero_optimization" does not apply: fully_shard shards parameters, gradients and
 optimizer state over the S ranks of a replica, as ZeRO-3 does.
@@ -23,13 +23,15 @@ import torch
 import torch.distributed as dist
 from gpt import param_groups
 
-from qsr_ds import checkpoint, fsdp_checkpoint
-from qsr_ds.averager import round_split
+import qsr_ds
+
+from qsr_ds.sync import checkpoint
+from qsr_ds.fsdp import checkpoint as fsdp_checkpoint
+from qsr_ds.sync.averager import round_split
 from qsr_ds.config import QSRConfigError, read_json
 from qsr_ds.config import load as load_qsr
-from qsr_ds.ds_state import fingerprint
 from qsr_ds.fsdp import FSDPQSR, default_blocks, init_mesh, shard_model, topology_of
-from qsr_ds.lr import lr_fn_from_deepspeed
+from qsr_ds.planning.lr import lr_fn_from_deepspeed
 from qsr_ds.topology import TopologyError
 
 
@@ -203,7 +205,7 @@ class FSDPTrainer:
 
     def fingerprint(self) -> str:
         """sha256 of this replica's full fp32 params (gathered over the shard group; summary only)."""
-        return fingerprint([(name, p.full_tensor().cpu()) for name, p in self.model.named_parameters()])
+        return qsr_ds.fingerprint(self.model)
 
     def describe(self) -> str:
         return f"FSDP2 {'HSDP (no QSR)' if self.hsdp else 'fully_shard'}{' bf16' if self.bf16 else ''}"

@@ -34,7 +34,9 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpt import GPT, ByteCorpus, GPTConfig, param_groups  # noqa: E402
 
-from qsr_ds.averager import ROUND_PARTS, round_split  # noqa: E402
+import qsr_ds  # noqa: E402
+
+from qsr_ds.sync.averager import ROUND_PARTS, round_split  # noqa: E402
 
 EVAL_BATCHES = 8
 
@@ -149,7 +151,7 @@ class DeepSpeedTrainer:
     def planned_boundaries(self) -> list[int] | None:
         """Boundaries of the whole run from the JSON's scheduler, computed without an engine."""
         from qsr_ds.config import QSRConfigError
-        from qsr_ds.lr import lr_fn_from_deepspeed
+        from qsr_ds.planning.lr import lr_fn_from_deepspeed
 
         try:
             lr_at = lr_fn_from_deepspeed(self.config, self.source, base_lr=self.base_lr)
@@ -190,9 +192,8 @@ class DeepSpeedTrainer:
                 "round_memory_bytes": self.qsr.round_memory_bytes, **round_split(totals)}
 
     def fingerprint(self) -> str:
-        from qsr_ds.ds_state import fingerprint, full_fp32_params
 
-        return fingerprint(full_fp32_params(self.engine))
+        return qsr_ds.fingerprint(self.engine)
 
     def describe(self) -> str:
         return f"DeepSpeed ZeRO-{self.zero_stage}{' bf16' if self.bf16 else ''}"

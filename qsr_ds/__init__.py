@@ -10,16 +10,17 @@ _EXPORTS = {
     "LocalOptimizer": "local",
     "QSRConfig": "config",
     "QSRConfigError": "config",
-    "ReplicaAverager": "averager",
-    "ReplicaMismatchError": "averager",
-    "RoundStats": "averager",
+    "ReplicaAverager": "sync.averager",
+    "ReplicaMismatchError": "sync.averager",
+    "RoundStats": "sync.averager",
     "ScheduleError": "schedule",
     "SyncSchedule": "schedule",
     "SyncTracker": "schedule",
     "Topology": "topology",
     "TopologyError": "topology",
+    "fingerprint": "fingerprints",
     "initialize": "deepspeed",
-    "zero_init": "ds_zero_init",
+    "zero_init": "deepspeed",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

@@ -11,6 +11,9 @@ import json
 import sys
 
 from .config import QSRConfigError
+from .planning.plan import build_plan, build_projection, cost_inputs, format_plan, load_plan_inputs, write_plot
+from .planning.projection import (ProjectionError, dtype_bytes, format_projection, parse_bandwidth, parse_bytes,
+                                  parse_count)
 from .schedule import ScheduleError
 
 
@@ -61,9 +64,6 @@ def _parsed(flag: str, text: str, parse):
 
 def _projection_inputs(args: argparse.Namespace, config):
     """plan.cost_inputs from the --project flags; a FlagError names the flag that is wrong."""
-    from .plan import cost_inputs
-    from .projection import ProjectionError, dtype_bytes, parse_bandwidth, parse_bytes, parse_count
-
     for flag in ("--step-time", "--bandwidth"):
         if getattr(args, _dest(flag)) is None:
             raise FlagError(f"{flag}: required with --project")
@@ -107,9 +107,6 @@ def _check_project_flags(args: argparse.Namespace) -> None:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .plan import build_plan, build_projection, format_plan, load_plan_inputs, write_plot
-    from .projection import format_projection
-
     _check_project_flags(args)
     config, lr_at = load_plan_inputs(args.config)
     inputs = _projection_inputs(args, config) if args.project else None

@@ -1,7 +1,8 @@
-"""The "qsr" section of a DeepSpeed JSON file, as a typed, validated dataclass.
+"""The "qsr" section of a DeepSpeed JSON file, as a typed, validated dataclass, and the one
+SyncSettings (how rounds run) every engine builds from it or from keyword arguments.
 
-Every bad input raises one QSRConfigError that names the key and the file, before any
-process-group traffic.
+Every bad input raises one QSRConfigError that names the key and the file (or "keyword
+arguments"), before any process-group traffic. Imports nothing of the sync core.
 """
 from __future__ import annotations
 
@@ -22,6 +23,46 @@ COMPRESS_ROUTES = ("gather", "owner")
 
 class QSRConfigError(ValueError):
     """A "qsr" config section that cannot be used, with the key and file named."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SyncSettings:
+    """How rounds are run; everything but the schedule and the topology. Build with ``from_config``."""
+
+    average: tuple[str, ...] = ("params",)
+    """What replicas average: params, plus buffers, exp_avg, exp_avg_sq, momentum."""
+    bucket_mb: float = 64.0
+    """Size of one communication bucket in MiB of fp32."""
+    kernel: str = "auto"
+    """Pack/unpack back-end: auto | triton | cpp | torch."""
+    check_finite: bool = True
+    """Refuse to average (raise on every rank, nothing written) when a replica holds NaN/Inf."""
+    overlap_steps: int = 0
+    """tau: a round's all-reduce runs behind the next tau steps (0 = blocking rounds)."""
+    compress: str | None = None
+    """None (exact fp32 rounds), "bf16" or "int8": send deltas from the last average, error-fed back."""
+    compress_route: str = "gather"
+    """Compressed rows' route over the replica group: "gather" or "owner" (qsr_ds/sync/compress.py)."""
+
+    @classmethod
+    def from_config(cls, config: QSRConfig | None = None, **keywords) -> SyncSettings:
+        """A QSRConfig's round keys (the defaults without one), each replaced by a keyword that is not None.
+
+        Keywords are checked as the "qsr" section's keys are (one QSRConfigError naming the key);
+        ``average`` always includes "params".
+        """
+        given = {key: value for key, value in keywords.items() if value is not None}
+        for key in given:
+            if key not in ROUND_KEYS:
+                raise _fail("keyword arguments", key, f"not a round setting; expected one of {', '.join(ROUND_KEYS)}")
+        if "average" in given:
+            given["average"] = list(dict.fromkeys(("params", *given["average"])))
+        _check_types(given, "keyword arguments")
+        _check_values(given, "keyword arguments")
+        values = {key: getattr(config, key) for key in ROUND_KEYS} if config is not None else {}
+        values.update(given)
+        values["average"] = tuple(values.get("average", cls.average))
+        return cls(**values)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,13 +117,10 @@ class QSRConfig:
             switch_step=self.switch_step,
         )
 
-    def settings(self):
-        """How the sync core runs rounds (everything but the schedule and the topology)."""
-        from .core import SyncSettings
-
-        return SyncSettings(average=tuple(self.average), bucket_mb=self.bucket_mb, kernel=self.kernel,
-                            check_finite=self.check_finite, overlap_steps=self.overlap_steps, compress=self.compress,
-                            compress_route=self.compress_route)
+    def settings(self, **keywords) -> SyncSettings:
+        """How the sync core runs rounds (everything but the schedule and the topology); keywords that
+        are not None replace this section's values."""
+        return SyncSettings.from_config(self, **keywords)
 
     def num_replicas(self, world_size: int) -> int:
         """R for a world size; a world size that S does not divide is an error."""
@@ -104,6 +142,7 @@ class QSRConfig:
 
 
 _KEYS = tuple(f.name for f in dataclasses.fields(QSRConfig) if f.name != "source")
+ROUND_KEYS = tuple(f.name for f in dataclasses.fields(SyncSettings))
 _INT_KEYS = {"h_base", "warmup_steps", "total_steps", "ranks_per_replica", "overlap_steps"}
 _NUMBER_KEYS = {"alpha", "bucket_mb", "timeout_s"}
 _OPTIONAL_INT_KEYS = {"switch_step"}

@@ -118,7 +118,7 @@ class QSRTrainerMixin:
         """deepspeed.initialize is qsr_ds.initialize while train() runs."""
         import deepspeed
 
-        from .deepspeed import initialize as qsr_initialize
+        from .deepspeed.hook import initialize as qsr_initialize
 
         original = deepspeed.initialize
         # accelerate takes every "auto" in the config for its own placeholder ("kernel": "auto" would

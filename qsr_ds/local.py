@@ -26,10 +26,11 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .layout import flatten_into_buffer, module_signature
-from .core import SyncCore, SyncPlan, SyncSettings
+from .config import SyncSettings
 from .schedule import SyncSchedule
-from .selection import averaged_tensors
+from .sync.core import SyncCore, SyncPlan
+from .sync.layout import flatten_into_buffer, module_signature
+from .sync.selection import averaged_tensors
 from .topology import Topology
 
 
@@ -63,8 +64,8 @@ class LocalOptimizer(SyncCore):
             p.dtype == torch.float32 for p in params
         ):
             self.flat_params = flatten_into_buffer(params)
-        settings = SyncSettings(average=tuple(average), bucket_mb=bucket_mb, kernel=kernel, check_finite=check_finite,
-                                overlap_steps=overlap_steps, compress=compress, compress_route=compress_route)
+        settings = SyncSettings.from_config(average=average, bucket_mb=bucket_mb, kernel=kernel, check_finite=check_finite,
+                                            overlap_steps=overlap_steps, compress=compress, compress_route=compress_route)
         super().__init__(schedule=schedule, topology=topology, settings=settings)
         self.start_from_replica0()
 

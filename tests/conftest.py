@@ -35,7 +35,7 @@ def needs_deepspeed_fp16():
 
     Session-scoped so that it runs (and skips) before a module-scoped spawned world is built.
     """
-    from qsr_ds.testing import deepspeed_fp16_missing
+    from tests.ranks import deepspeed_fp16_missing
 
     reason = deepspeed_fp16_missing()
     if reason:

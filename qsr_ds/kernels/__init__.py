@@ -8,7 +8,7 @@ A back-end implements:
                                                None) = the same slice rounded; resets zeroed
     first_nonfinite(tensors) -> int            index of the first tensor with NaN/Inf, or -1
 
-and, for compressed rounds (qsr_ds/compress.py; all arithmetic in fp32, no fused multiply-add):
+and, for compressed rounds (qsr_ds/sync/compress.py; all arithmetic in fp32, no fused multiply-add):
     quantize(mode, block, sources, anchors, residuals, q, scales, offsets, block_offsets)
         per source x with anchor a and residual e (None entries: a = 0, e = 0 and not kept):
         d = (x - a) + e; q[o:o+n] = Q(d); e = d - deQ(q).  mode "bf16": Q = round to nearest

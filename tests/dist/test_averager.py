@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from qsr_ds.averager import ReplicaAverager, ReplicaMismatchError
-from qsr_ds.testing import RankFailure, run_ranks
+from qsr_ds.sync.averager import ReplicaAverager, ReplicaMismatchError
+from tests.ranks import RankFailure, run_ranks
 from qsr_ds.topology import Topology, TopologyError
 
 pytestmark = pytest.mark.timeout(180)

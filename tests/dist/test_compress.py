@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from qsr_ds.testing import run_ranks
+from tests.ranks import run_ranks
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -61,7 +61,7 @@ def _digest(tensors) -> list[int]:
 
 
 def _run_rounds(topo, mode, route, kernel, bucket_mb, rounds, world, check_bounds):
-    from qsr_ds.compress import CompressedAverager
+    from qsr_ds.sync.compress import CompressedAverager
 
     named = [(n, t.clone()) for n, t in _start_tensors()]
     copies = {"w": torch.zeros(40, 30, dtype=torch.bfloat16), "big": torch.zeros(5000, dtype=torch.float16)}
@@ -109,8 +109,8 @@ def _check_round(avg, named, before, anchor_before, residual_before, world, mode
 
 
 def _rounds_worker(rank, world, route):
-    from qsr_ds.averager import RoundStats
-    from qsr_ds.compress import CompressedAverager
+    from qsr_ds.sync.averager import RoundStats
+    from qsr_ds.sync.compress import CompressedAverager
     from qsr_ds.kernels import cpp
     from qsr_ds.topology import Topology
 
@@ -226,7 +226,7 @@ def test_compressed_rounds(replicas, route):
 
 
 def _drift_worker(rank, world, rounds, route):
-    from qsr_ds.compress import CompressedAverager
+    from qsr_ds.sync.compress import CompressedAverager
     from qsr_ds.topology import Topology
 
     topo = Topology.create(1)
@@ -278,7 +278,7 @@ def test_error_feedback_keeps_1000_rounds_bounded(replicas, route):
 
 
 def _edge_worker(rank, world):
-    from qsr_ds.compress import CompressedAverager
+    from qsr_ds.sync.compress import CompressedAverager
     from qsr_ds.topology import Topology
 
     topo = Topology.create(1)
@@ -290,7 +290,7 @@ def _edge_worker(rank, world):
     owner.average(step=0)
     mean = small[0][1].clone()
     # not anchored (built between rounds, replicas differ): the first round is the exact fp32 mean
-    from qsr_ds.averager import ReplicaAverager
+    from qsr_ds.sync.averager import ReplicaAverager
 
     gen = torch.Generator().manual_seed(rank)
     start = [("w", torch.randn(300, generator=gen)), ("h", torch.randn(70, generator=gen).to(torch.bfloat16))]
@@ -304,8 +304,8 @@ def _edge_worker(rank, world):
     start[0][1].add_(0.01 * (rank + 1))
     late.average(step=1)
     digest = [t.float().sum().item() for _, t in start]
-    # composed with an overlapped round (qsr_ds/overlap.py): x = a' + this replica's own later steps
-    from qsr_ds.overlap import OverlappedRound
+    # composed with an overlapped round (qsr_ds/sync/overlap.py): x = a' + this replica's own later steps
+    from qsr_ds.sync.overlap import OverlappedRound
 
     x0 = torch.randn(3000, generator=torch.Generator().manual_seed(5))
     live, twin = [("x", x0.clone())], [("x", x0.clone())]

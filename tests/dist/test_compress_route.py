@@ -10,7 +10,7 @@ from torch import nn
 
 from qsr_ds import LocalOptimizer, SyncSchedule, Topology
 from qsr_ds.config import from_dict
-from qsr_ds.testing import run_ranks
+from tests.ranks import run_ranks
 
 pytestmark = pytest.mark.timeout(180)
 

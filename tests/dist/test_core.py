@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from qsr_ds import LocalOptimizer, SyncSchedule, Topology
-from qsr_ds.testing import run_ranks
+from tests.ranks import run_ranks
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -107,7 +107,7 @@ def test_local_optimizer_core_behaviour(tmp_path):
 
 def _precheck_worker(rank, world):
     """Two replicas of two ranks: a round's success path sends no all-gather; a NaN still names its replica."""
-    from qsr_ds.averager import ReplicaAverager, ReplicaMismatchError
+    from qsr_ds.sync.averager import ReplicaAverager, ReplicaMismatchError
 
     topo = Topology.create(2, timeout_s=30)
     tensors = [(f"t{i}", torch.full((5 + i,), float(rank % 2 + i))) for i in range(3)]
@@ -145,7 +145,7 @@ def test_precheck_is_fixed_size_and_agrees_on_replica0s_lr():
 def _refused_round_worker(rank, world, flatten):
     """An Inf on replica 1 at a boundary: the round is refused on both ranks before anything is written,
     and the schedule does not move (a blocking round agrees on NaN/Inf after its first bucket is sent)."""
-    from qsr_ds.averager import ReplicaMismatchError
+    from qsr_ds.sync.averager import ReplicaMismatchError
 
     topo = Topology.create(1, timeout_s=30)
     torch.manual_seed(0)
@@ -189,7 +189,7 @@ def test_a_refused_round_writes_nothing_and_leaves_the_schedule(flatten):
 def _fsdp_worker(rank, world, tmp, mode):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from qsr_ds import fsdp_checkpoint
+    from qsr_ds.fsdp import checkpoint as fsdp_checkpoint
     from qsr_ds.config import QSRConfig
     from qsr_ds.fsdp import FSDPQSR, init_mesh, shard_model
 

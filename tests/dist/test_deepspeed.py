@@ -13,7 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qsr_ds.testing import deepspeed_fp16_missing, run_ranks
+import qsr_ds
+from qsr_ds.sync.layout import params_digest
+
+from tests.ranks import deepspeed_fp16_missing, run_ranks
 
 STEPS = 8
 BOUNDARIES = [2, 6, 8]
@@ -74,14 +77,12 @@ def build(cfg, *, qsr, seed=0):
 
 def bytes_hash(tensors):
     """The fp32 bytes only (ZeRO 0 fp32 averages one flat buffer where plain DeepSpeed has tensors)."""
-    from qsr_ds import ds_state
-
-    return ds_state.fingerprint([("", torch.cat([t.detach().float().flatten() for t in tensors]))])
+    return params_digest([("", torch.cat([t.detach().float().flatten() for t in tensors]))])
 
 
 def train(engine, start, stop, *, replica, shard, overflow_at=None):
     """Steps start..stop-1; per step: replica state, shard, probe output and optimizer state hashes."""
-    from qsr_ds import ds_state
+    from qsr_ds.deepspeed import state as ds_state
 
     dtype = next(engine.module.parameters()).dtype
     probe = torch.linspace(-1, 1, 16).view(2, 8).to(dtype)
@@ -103,17 +104,17 @@ def train(engine, start, stop, *, replica, shard, overflow_at=None):
         log.append({
             "step": step + 1,
             "boundary": hook is not None and hook.last_round is not None,
-            "replica_fp32": ds_state.fingerprint(ds_state.full_fp32_params(engine)),
+            "replica_fp32": qsr_ds.fingerprint(engine),
             "shards": bytes_hash([t for n, t in plan.tensors if not n.endswith((":exp_avg", ":exp_avg_sq"))]),
-            "exp_avg": ds_state.fingerprint([(n, t) for n, t in plan.tensors if n.endswith(":exp_avg")]),
-            "exp_avg_sq": ds_state.fingerprint([(n, t) for n, t in plan.tensors if n.endswith(":exp_avg_sq")]),
-            "probe": ds_state.fingerprint([("out", out)]),
+            "exp_avg": params_digest([(n, t) for n, t in plan.tensors if n.endswith(":exp_avg")]),
+            "exp_avg_sq": params_digest([(n, t) for n, t in plan.tensors if n.endswith(":exp_avg_sq")]),
+            "probe": params_digest([("out", out)]),
         })
     return log
 
 
 def planned_rounds(steps=STEPS):
-    from qsr_ds.lr import lr_fn_from_deepspeed
+    from qsr_ds.planning.lr import lr_fn_from_deepspeed
     from qsr_ds.schedule import SyncSchedule
 
     schedule = SyncSchedule(**{k: v for k, v in QSR.items()})
@@ -207,7 +208,6 @@ def test_user_mpu_with_model_parallelism_is_refused(r1_results):
 
 
 def _replicas_worker(rank, world):
-    from qsr_ds import ds_state
     from qsr_ds.topology import Topology
 
     out = {}
@@ -216,7 +216,7 @@ def _replicas_worker(rank, world):
         # replica 1 builds its model with another seed: qsr_ds.initialize starts it from replica 0's
         engine = build(ds_config(stage, bf16, ranks_per_replica=2, average=average), qsr=True, seed=rank // 2)
         topo: Topology = engine.qsr.topology
-        start = ds_state.fingerprint(ds_state.full_fp32_params(engine))
+        start = qsr_ds.fingerprint(engine)
         log = train(engine, 0, STEPS, replica=topo.replica_index, shard=topo.shard_rank)
         opt = engine.optimizer
         out[(stage, bf16)] = {"log": log, "rounds": engine.qsr.rounds, "dp": engine.dp_world_size,
@@ -278,7 +278,7 @@ def _resume_worker(rank, world, root):
 
     import torch.distributed as dist
 
-    from qsr_ds.checkpoint import QSRCheckpointError
+    from qsr_ds.sync.checkpoint import QSRCheckpointError
 
     out = {}
     for stage, bf16, gas in ((2, False, 1), (3, True, 2)):

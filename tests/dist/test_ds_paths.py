@@ -16,7 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qsr_ds.testing import run_ranks
+import qsr_ds
+
+from tests.ranks import run_ranks
 
 from test_deepspeed import ENV, STEPS, build, ds_config, make_model, train
 
@@ -85,7 +87,6 @@ def _zero3_run(cfg, how, replica, shard):
     import torch.distributed as dist
 
     import qsr_ds
-    from qsr_ds import ds_state
 
     groups.mpu = None
     torch.manual_seed(0)
@@ -113,7 +114,7 @@ def _zero3_run(cfg, how, replica, shard):
     groups_ok = [p.ds_process_group is engine.qsr.topology.shard_group for p in model.parameters()]
     return {"losses": losses, "rounds": engine.qsr.rounds, "same_group": groups_ok,
             "partition_ranks": [dist.get_process_group_ranks(p.ds_process_group) for p in model.parameters()],
-            "fp": ds_state.fingerprint(ds_state.full_fp32_params(engine))}
+            "fp": qsr_ds.fingerprint(engine)}
 
 
 def _zero3_part(rank):
@@ -132,8 +133,7 @@ def _files(root):
 def _checkpoint_part(rank, root):
     import torch.distributed as dist
 
-    from qsr_ds import ds_state
-    from qsr_ds.checkpoint import QSRCheckpointError
+    from qsr_ds.sync.checkpoint import QSRCheckpointError
 
     out = {}
     for stage, bf16 in ((2, False), (3, True)):
@@ -170,13 +170,13 @@ def _checkpoint_part(rank, root):
     out["local"] = {"layout": json.load(open(os.path.join(save, "boundary.qsr.json")))["layout"], "files": _files(save)}
     # a one-replica checkpoint into another layout (R = 1 x S = 4): refused on every rank, nothing loaded
     other = build(ds_config(2, ranks_per_replica=4, average=ADAM_STATE), qsr=True)
-    before = ds_state.fingerprint(ds_state.full_fp32_params(other))
+    before = qsr_ds.fingerprint(other)
     try:
         other.load_checkpoint(os.path.join(root, "zero2"), tag="boundary")
         out["other_r"] = "loaded"
     except QSRCheckpointError as err:
         out["other_r"] = str(err)
-    out["other_r_untouched"] = (other.global_steps, ds_state.fingerprint(ds_state.full_fp32_params(other))) == (0, before)
+    out["other_r_untouched"] = (other.global_steps, qsr_ds.fingerprint(other)) == (0, before)
     return out
 
 

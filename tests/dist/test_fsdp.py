@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from qsr_ds.schedule import SyncSchedule
-from qsr_ds.testing import run_ranks
+from tests.ranks import run_ranks
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -92,7 +92,7 @@ def build(mesh, seed, *, mp=True, plain_mesh=None):
 def train(mesh, *, seed=0, stop=STEPS, average=("params",), mp=True, accum=2, plain_mesh=None,
           save_to=None, resume_from=None):
     """Train until ``stop`` completed steps; returns (model, qsr, record)."""
-    from qsr_ds import fsdp_checkpoint
+    from qsr_ds.fsdp import checkpoint as fsdp_checkpoint
     from qsr_ds.fsdp import FSDPQSR
 
     model = build(mesh, seed, mp=mp, plain_mesh=plain_mesh)
@@ -130,8 +130,8 @@ def _mesh_2x2_worker(rank, world, ckpt):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from qsr_ds import fsdp_checkpoint
-    from qsr_ds.checkpoint import QSRCheckpointError
+    from qsr_ds.fsdp import checkpoint as fsdp_checkpoint
+    from qsr_ds.sync.checkpoint import QSRCheckpointError
     from qsr_ds.fsdp import FSDPQSR, FSDPSetupError, init_mesh
     from qsr_ds.topology import TopologyError
 

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from qsr_ds.testing import run_ranks
+from tests.ranks import run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, SAVE_AT, LR, WARMUP = 12, 9, 1e-2, 2
@@ -267,6 +267,6 @@ def test_example_under_deepspeed_launcher(tmp_path):
 
 
 def _free_port() -> int:
-    from qsr_ds.testing import free_port
+    from tests.ranks import free_port
 
     return free_port()

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from qsr_ds.averager import ReplicaAverager, ReplicaMismatchError
-from qsr_ds.overlap import OverlappedRound
-from qsr_ds.testing import run_ranks
+from qsr_ds.sync.averager import ReplicaAverager, ReplicaMismatchError
+from qsr_ds.sync.overlap import OverlappedRound
+from tests.ranks import run_ranks
 from qsr_ds.topology import Topology
 
 pytestmark = pytest.mark.timeout(180)
@@ -209,7 +209,7 @@ def _resume_worker(rank, world):
         OverlappedRound(flat_averager, overlap_steps=1, segment_mb=0)
 
     # composes with compressed rounds: the correction is a' - x_s of a blocking compressed round
-    from qsr_ds.compress import CompressedAverager
+    from qsr_ds.sync.compress import CompressedAverager
 
     live, twin = ([(n, t.clone()) for n, t in make_tensors(0, 0)] for _ in range(2))  # one anchor everywhere
     compressed, blocking = (CompressedAverager(t, topology=topo, mode="int8", kernel="torch") for t in (live, twin))

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from qsr_ds import LocalOptimizer, SyncSchedule, Topology
-from qsr_ds.testing import run_ranks
+from tests.ranks import run_ranks
 
 pytestmark = pytest.mark.timeout(240)
 

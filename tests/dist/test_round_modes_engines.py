@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from qsr_ds.testing import run_ranks
+from tests.ranks import run_ranks
 from test_deepspeed import BOUNDARIES, ENV, STEPS, build, ds_config, train
 
 pytestmark = pytest.mark.timeout(420)

@@ -25,9 +25,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qsr_ds.lr import WarmupDecayLR
+from qsr_ds.planning.lr import WarmupDecayLR
 from qsr_ds.schedule import SyncSchedule
-from qsr_ds.testing import run_ranks
+from tests.ranks import run_ranks
 
 STEPS, WARMUP = 16, 3
 QSR = {"rule": "qsr", "h_base": 2, "alpha": 0.028, "warmup_steps": WARMUP, "total_steps": STEPS}

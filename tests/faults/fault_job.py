@@ -63,7 +63,7 @@ def install(spec: str) -> None:
     elif kind in ("kill_in_round", "kill_mid_allreduce"):
         import torch.distributed as dist
 
-        from qsr_ds import averager
+        from qsr_ds.sync import averager
 
         target = int(arg)
         orig_check, orig_average = averager.ReplicaAverager.check, averager.ReplicaAverager.average
@@ -109,7 +109,7 @@ def install(spec: str) -> None:
 
         TorchCheckpointEngine.save = save
     elif kind == "kill_before_commit":
-        from qsr_ds import checkpoint
+        from qsr_ds.sync import checkpoint
 
         tag, orig_write_latest = arg, checkpoint.write_latest
 

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from qsr_ds.testing import run_ranks
+from tests.ranks import run_ranks
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -27,7 +27,7 @@ def _worker(rank, world, mode):
     import torch
     import torch.distributed as dist
 
-    from qsr_ds.averager import ReplicaAverager
+    from qsr_ds.sync.averager import ReplicaAverager
     from qsr_ds.topology import Topology
 
     topo = Topology.create(2, timeout_s=TIMEOUT_S)

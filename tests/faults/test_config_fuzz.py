@@ -145,7 +145,7 @@ lr_sections = st.fixed_dictionaries({
 @FUZZ
 @given(schedulers, lr_sections)
 def test_a_scheduler_that_reaches_lr_0_at_a_round_start_is_refused_at_start_up(scheduler, section):
-    from qsr_ds.lr import check_planned_rounds, lr_fn_from_deepspeed
+    from qsr_ds.planning.lr import check_planned_rounds, lr_fn_from_deepspeed
     from qsr_ds.schedule import SyncTracker
 
     ds_config = {"optimizer": {"type": "AdamW", "params": {"lr": 0.003}}, "scheduler": scheduler, "qsr": section}

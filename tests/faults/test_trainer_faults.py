@@ -29,7 +29,7 @@ import time
 import pytest
 
 from jobs import ROOT, write_config
-from qsr_ds.testing import deepspeed_fp16_missing, run_ranks
+from tests.ranks import deepspeed_fp16_missing, run_ranks
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -56,7 +56,7 @@ class _Probe:
     """
 
     def __init__(self):
-        from qsr_ds import averager
+        from qsr_ds.sync import averager
 
         self.unchanged: list[bool] = []
         probe = self
@@ -124,7 +124,7 @@ def _train(trainer, start, stop, *, nan_at=None, nan_in="master"):
             x, y = batches[0]
             trainer.engine.module.tok.weight.data[x[0, 0]] = float("nan")  # the forward pass turns NaN
         if nan_at == step and nan_in == "master":
-            from qsr_ds import ds_state
+            from qsr_ds.deepspeed import state as ds_state
 
             _, shard = ds_state.plan(trainer.engine, ("params",)).tensors[0]
             shard.data[shard.numel() // 2] = float("nan")  # a NaN reached this replica's fp32 master weights
@@ -148,7 +148,7 @@ def _start_and_train(config, **model):
 
 
 def _load(trainer, directory, tag=None):
-    from qsr_ds.checkpoint import QSRCheckpointError
+    from qsr_ds.sync.checkpoint import QSRCheckpointError
 
     before = trainer.fingerprint(), _module_bits(trainer)
     try:

@@ -126,3 +126,21 @@ def test_world_size_must_be_a_multiple_of_ranks_per_replica(tmp_path):
         config.num_replicas(6)
     message = str(err.value)
     assert str(tmp_path / "ds.json") in message and "qsr.ranks_per_replica=4" in message and "6" in message
+
+
+def test_sync_settings_come_one_way_from_a_config_and_keywords():
+    from qsr_ds.config import SyncSettings
+
+    assert SyncSettings.from_config() == SyncSettings()
+    config = from_dict({"overlap_steps": 2, "compress": "bf16", "average": ["params", "exp_avg"], "kernel": "torch"})
+    assert config.settings() == SyncSettings(average=("params", "exp_avg"), overlap_steps=2, compress="bf16",
+                                             kernel="torch")
+    # a keyword that is not None replaces the config's value; None keeps it
+    mixed = SyncSettings.from_config(config, compress="int8", overlap_steps=None, average=("exp_avg_sq",))
+    assert (mixed.compress, mixed.overlap_steps, mixed.average) == ("int8", 2, ("params", "exp_avg_sq"))
+    with pytest.raises(QSRConfigError, match=r"keyword arguments: qsr\.compress: unknown compression 'int4'"):
+        SyncSettings.from_config(compress="int4")
+    with pytest.raises(QSRConfigError, match=r"qsr\.overlap_steps: expected an integer"):
+        SyncSettings.from_config(config, overlap_steps=1.5)
+    with pytest.raises(QSRConfigError, match=r"qsr\.timeout_s: not a round setting"):
+        SyncSettings.from_config(timeout_s=5.0)

@@ -282,7 +282,7 @@ def test_cpp_concurrent_ranks_share_one_cache(cpp_kernels, tmp_path):
     """Three spawned ranks load from a fresh cache copy at once, past a stale torch baton file
     (what a build killed mid-way leaves behind, which would hang torch's own wait)."""
     from qsr_ds.kernels import cpp
-    from qsr_ds.testing import run_ranks
+    from tests.ranks import run_ranks
 
     built = cpp.cache_dir()
     if not (built / f"{cpp.NAME}.so").exists():
@@ -371,7 +371,7 @@ def test_cpp_missing_source_is_reported(monkeypatch, tmp_path):
 
 
 def test_import_builds_nothing():
-    done = _child("import sys, qsr_ds, qsr_ds.averager; import qsr_ds.kernels.cpp as c; "
+    done = _child("import sys, qsr_ds, qsr_ds.sync.averager; import qsr_ds.kernels.cpp as c; "
                   "print(c._module is None and 'qsr_ds.kernels.triton_bucket' not in sys.modules)")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True"
@@ -402,7 +402,7 @@ def test_launch_plans_follow_repointed_tensors(fused):
 
 
 def _average_with_each(rank, world_size):
-    from qsr_ds.averager import ReplicaAverager
+    from qsr_ds.sync.averager import ReplicaAverager
     from qsr_ds.topology import Topology
 
     topology = Topology.create(1)
@@ -418,7 +418,7 @@ def _average_with_each(rank, world_size):
 
 
 def test_averager_rounds_are_bitwise_equal_across_back_ends(cpp_kernels):
-    from qsr_ds.testing import run_ranks
+    from tests.ranks import run_ranks
 
     ranks = run_ranks(_average_with_each, 2)
     for out in ranks:

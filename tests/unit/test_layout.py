@@ -1,8 +1,8 @@
-"""The bucket plan of a round (qsr_ds/layout.py): which tensors go in place, how the rest are cut
+"""The bucket plan of a round (qsr_ds/sync/layout.py): which tensors go in place, how the rest are cut
 into pieces and packed, and the ramp that keeps the first pack and the last unpack short."""
 import torch
 
-from qsr_ds.layout import plan_buckets
+from qsr_ds.sync.layout import plan_buckets
 
 MIB = 2**20 // 4  # fp32 elements per MiB
 

@@ -1,11 +1,11 @@
-"""qsr_ds.lr against DeepSpeed's own scheduler classes, float for float."""
+"""qsr_ds.planning.lr against DeepSpeed's own scheduler classes, float for float."""
 import math
 import os
 
 import pytest
 
 from qsr_ds.config import QSRConfigError
-from qsr_ds.lr import WarmupCosineLR, lr_fn_from_deepspeed
+from qsr_ds.planning.lr import WarmupCosineLR, lr_fn_from_deepspeed
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 

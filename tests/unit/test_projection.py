@@ -1,4 +1,4 @@
-"""The wall-time cost model (qsr_ds.projection) and `qsr-ds plan --project`: hand-computed arithmetic."""
+"""The wall-time cost model (qsr_ds.planning.projection) and `qsr-ds plan --project`: hand-computed arithmetic."""
 import json
 import math
 import os
@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from qsr_ds import projection as pj
+from qsr_ds.planning import projection as pj
 from qsr_ds.cli import main
 from qsr_ds.config import from_dict
-from qsr_ds.plan import build_projection, cost_inputs, load_plan_inputs
+from qsr_ds.planning.plan import build_projection, cost_inputs, load_plan_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -229,7 +229,7 @@ def test_unparsable_number_names_the_flag(capsys):
 
 
 def test_projection_needs_no_torch():
-    code = "import sys, qsr_ds.projection, qsr_ds.plan; assert 'torch' not in sys.modules"
+    code = "import sys, qsr_ds.planning.projection, qsr_ds.planning.plan; assert 'torch' not in sys.modules"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 0, done.stderr
 

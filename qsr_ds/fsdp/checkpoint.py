@@ -21,24 +21,19 @@ from __future__ import annotations
 import json
 import os
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from .averager import ReplicaMismatchError
-from .checkpoint import FORMAT, QSRCheckpointError
-from .fsdp import FSDPQSR
+from ..sync.averager import ReplicaMismatchError
+from ..sync.checkpoint import FORMAT, QSRCheckpointError, read_tensor_state, replica_dir, write_tensor_state
+from .hook import FSDPQSR
 
 CheckpointError = QSRCheckpointError  # the same error as DeepSpeed checkpoints raise
 
 
 def _replica_key(qsr: FSDPQSR) -> str:
     return f"replica{qsr.topology.replica_index}"
-
-
-def _tensor_file(path) -> str:
-    return os.path.join(os.fspath(path), f"qsr_tensors.rank{dist.get_rank()}.pt")
 
 
 def _extra_key() -> str:
@@ -71,8 +66,7 @@ def save(path: str | os.PathLike, qsr: FSDPQSR, *, extra: dict | None = None) ->
         to_save["lr_scheduler"] = qsr.lr_scheduler.state_dict()
     tensors = qsr.qsr_tensor_state()  # before DCP writes the model: waits for a round in flight
     dcp.save(to_save, checkpoint_id=os.fspath(path))
-    if tensors:  # this rank's round in flight / compression anchors: its own file, read back by this rank
-        torch.save(tensors, _tensor_file(path))
+    write_tensor_state(replica_dir(path, qsr.topology.replica_index), qsr.topology, tensors)  # this rank's round in flight / compression anchors
 
 
 def read_qsr_state(path: str | os.PathLike) -> dict:
@@ -116,8 +110,7 @@ def load(path: str | os.PathLike, qsr: FSDPQSR, *, extra: dict | None = None) ->
     if qsr.lr_scheduler is not None:
         qsr.lr_scheduler.load_state_dict(to_load["lr_scheduler"])
     qsr.load_state_dict(state, path)
-    tensors = _tensor_file(path)
-    qsr.load_qsr_tensor_state(torch.load(tensors, weights_only=True) if os.path.isfile(tensors) else {})
+    qsr.load_qsr_tensor_state(read_tensor_state(replica_dir(path, qsr.topology.replica_index), qsr.topology))
     return to_load.get(_extra_key())
 
 

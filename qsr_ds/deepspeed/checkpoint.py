@@ -2,7 +2,7 @@
 
 Right after a boundary every replica holds the same averaged fp32 shards, and the same bits
 in whatever else of the engine's state is averaged or counted alike. A save there may write
-replica 0's files only (the "one_replica" layout of qsr_ds/checkpoint.py: 1/R of the bytes)
+replica 0's files only (the "one_replica" layout of qsr_ds/sync/checkpoint.py: 1/R of the bytes)
 and every replica resumes from them, exactly, but only where nothing it saves differs
 between replicas:
   - the last optimizer step closed a round (and no overlapped round is still in flight);
@@ -35,8 +35,8 @@ import contextlib
 import torch
 import torch.distributed as dist
 
-from . import checkpoint as ckpt
-from .selection import STATE_FIELDS
+from ..sync import checkpoint as ckpt
+from ..sync.selection import STATE_FIELDS
 
 _REASONS = (
     "the last optimizer step did not close a round (mid-round the replicas differ)",

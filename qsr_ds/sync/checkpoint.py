@@ -26,6 +26,11 @@ import json
 import os
 from typing import Any, Mapping
 
+import torch
+
+from ..schedule import ScheduleError
+from .layout import module_signature
+
 FORMAT = 1
 MANIFEST_SUFFIX = ".qsr.json"
 PER_REPLICA = "per_replica"
@@ -57,6 +62,26 @@ def manifest_layout(manifest: Mapping) -> str:
 
 def manifest_path(save_dir: str | os.PathLike, tag: str) -> str:
     return os.path.join(os.fspath(save_dir), f"{tag}{MANIFEST_SUFFIX}")
+
+
+def tensor_file(directory: str | os.PathLike, topology) -> str:
+    """Where a rank keeps its own QSR tensors (a round in flight, compression anchors and residuals), for
+    every engine: ``qsr_tensors.shard<k>.pt`` in its replica's own directory of the checkpoint (DeepSpeed:
+    save_dir/replica<r>/<tag>/, FSDP2: path/replica<r>/)."""
+    return os.path.join(os.fspath(directory), f"qsr_tensors.shard{topology.shard_rank}.pt")
+
+
+def write_tensor_state(directory: str | os.PathLike, topology, state: Mapping) -> None:
+    """Write SyncCore.qsr_tensor_state() to this rank's tensor file (nothing when it is empty)."""
+    if state:
+        os.makedirs(os.fspath(directory), exist_ok=True)
+        torch.save(dict(state), tensor_file(directory, topology))
+
+
+def read_tensor_state(directory: str | os.PathLike, topology) -> dict:
+    """This rank's tensor file as written by ``write_tensor_state``; {} where none was written."""
+    path = tensor_file(directory, topology)
+    return torch.load(path, weights_only=True) if os.path.isfile(path) else {}
 
 
 def state_dict(tracker, totals, topology) -> dict:
@@ -119,8 +144,6 @@ def list_files(save_dir: str | os.PathLike, tag: str, num_replicas: int, layout:
 
 def model_layout(module) -> list[list]:
     """[name, shape] of every parameter in registration order (full shapes under ZeRO-3), for the manifest."""
-    from .layout import module_signature
-
     return [[name.removeprefix("module:"), list(shape)] for name, shape, _ in module_signature(module)]
 
 
@@ -242,8 +265,6 @@ def agree(error: BaseException | None, group=None) -> None:
 
 def check_schedule(tracker, manifest: Mapping, source: str) -> None:
     """The checkpoint continues this run's schedule; loads the tracker from the manifest."""
-    from .schedule import ScheduleError
-
     try:
         tracker.load_state_dict(manifest["tracker"])
     except (ScheduleError, KeyError, TypeError, ValueError) as err:

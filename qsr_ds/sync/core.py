@@ -25,11 +25,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..config import SyncSettings
+from ..schedule import SyncSchedule, SyncTracker
+from ..topology import Topology
 from . import checkpoint
 from .averager import AveragerTotals, ReplicaAverager, RoundStats
+from .compress import CompressedAverager
+from .overlap import OverlappedRound
 from .precheck import ReplicaMismatchError
-from .schedule import SyncSchedule, SyncTracker
-from .topology import Topology
 
 
 @dataclass
@@ -59,26 +62,6 @@ class SyncPlan:
         return [(n, t.data_ptr(), tuple(t.shape), t.dtype) for n, t in self.tensors]
 
 
-@dataclass(frozen=True, kw_only=True)
-class SyncSettings:
-    """How rounds are run; everything but the schedule and the topology."""
-
-    average: tuple[str, ...] = ("params",)
-    """What replicas average: params, plus buffers, exp_avg, exp_avg_sq, momentum."""
-    bucket_mb: float = 64.0
-    """Size of one communication bucket in MiB of fp32."""
-    kernel: str = "auto"
-    """Pack/unpack back-end: auto | triton | cpp | torch."""
-    check_finite: bool = True
-    """Refuse to average (raise on every rank, nothing written) when a replica holds NaN/Inf."""
-    overlap_steps: int = 0
-    """tau: a round's all-reduce runs behind the next tau steps (0 = blocking rounds)."""
-    compress: str | None = None
-    """None (exact fp32 rounds), "bf16" or "int8": send deltas from the last average, error-fed back."""
-    compress_route: str = "gather"
-    """Compressed rows' route over the replica group: "gather" or "owner" (qsr_ds/compress.py)."""
-
-
 class SyncCore:
     """Counts steps, decides rounds and runs them; subclasses say which tensors (see the module doc)."""
 
@@ -90,7 +73,7 @@ class SyncCore:
         self.averager: ReplicaAverager | None = None
         self._averaged_key: list | None = None
         self.overlap = None
-        """The OverlappedRound of this run (qsr_ds/overlap.py), once an overlapped round started."""
+        """The OverlappedRound of this run (qsr_ds/sync/overlap.py), once an overlapped round started."""
         self._saved_compression: dict | None = None  # anchors and residuals from a checkpoint, until the next round
         self._anchors_from_tensors = False
         self.last_round: RoundStats | None = None
@@ -129,9 +112,7 @@ class SyncCore:
         held = self.overlap.peak_extra_bytes if self.overlap is not None else 0
         if self.averager is None:
             return held
-        if hasattr(self.averager, "anchors"):
-            return held + self.averager.peak_extra_bytes
-        return held if self.overlap is not None else held + self.averager.scratch_bytes
+        return held + self.averager.extra_bytes(overlapped=self.overlap is not None)
 
     def after_steps(self, count: int = 1) -> RoundStats | None:
         """Count ``count`` completed optimizer steps; runs the round the last of them closes.
@@ -160,8 +141,6 @@ class SyncCore:
                           check_finite=self.settings.check_finite, signature=plan.signature, scan=plan.scan)
             previous = self.averager
             if self.settings.compress and self.num_replicas > 1:
-                from .compress import CompressedAverager
-
                 self.averager = CompressedAverager(plan.tensors, mode=self.settings.compress,
                                                    route=self.settings.compress_route, **kwargs)
                 self._carry_anchors(previous)
@@ -228,8 +207,6 @@ class SyncCore:
         self.totals.total_s += stats.refresh_s
 
     def _overlap_for(self, averager):
-        from .overlap import OverlappedRound
-
         if self.overlap is None or self.overlap.averager is not averager:
             # segments of at most bucket_mb: the averager's bucket may be widened to whole flat shards
             self.overlap = OverlappedRound(averager, overlap_steps=self.settings.overlap_steps,
@@ -295,7 +272,7 @@ class SyncCore:
         state = {}
         if self.round_in_flight:
             state["overlap"] = self.overlap.state_dict()
-        if self.settings.compress and self.averager is not None and hasattr(self.averager, "anchors"):
+        if self.averager is not None and self.averager.carries_anchors:
             state["compress"] = {k: ({n: t.detach().cpu().clone() for n, t in v.items()} if isinstance(v, dict) else v)
                                  for k, v in self.averager.state_dict().items()}
         return state
@@ -310,7 +287,7 @@ class SyncCore:
 
     def forget_tensors(self) -> None:
         """The engine replaced its tensors (a load): the next round builds its averager anew."""
-        if self.averager is not None and self._saved_compression is None and hasattr(self.averager, "anchors"):
+        if self.averager is not None and self._saved_compression is None and self.averager.carries_anchors:
             self._saved_compression = self.averager.state_dict()
         self.averager = None
         self._averaged_key = None

@@ -121,7 +121,7 @@ class OverlappedRound:
                 snap = _DeviceSnapshot(averager, device, index, segment_numel)
                 if snap.numel:
                     self.devices.append(snap)
-                    averager._scratch[device] = snap.scratch  # shared with blocking rounds, never both at once
+                    averager.lend_scratch(device, snap.scratch)  # shared with blocking rounds, never both at once
         self.started_step: int | None = None
         self._apply_step: int | None = None
         self.round_no: int | None = None
@@ -178,7 +178,7 @@ class OverlappedRound:
                              apply_step=step + self.overlap_steps)
         t1 = time.perf_counter()
         for dev in self.devices:
-            self.averager._scratch.pop(dev.device, None)  # a blocking round meanwhile gets its own buffers
+            self.averager.take_back_scratch(dev.device)  # a blocking round meanwhile gets its own buffers
             torch._foreach_copy_(dev.views, dev.targets)
             if dev.ready is not None:
                 dev.ready.record(torch.cuda.current_stream(dev.device))
@@ -238,7 +238,7 @@ class OverlappedRound:
 
     def _abandon(self) -> None:
         for dev in self.devices:
-            self.averager._scratch[dev.device] = dev.scratch
+            self.averager.lend_scratch(dev.device, dev.scratch)
         self.started_step = self._apply_step = self.round_no = self._stats = self._error = None
 
     @torch.no_grad()
@@ -266,7 +266,7 @@ class OverlappedRound:
         stats.unpack_s = time.perf_counter() - t1
         stats.total_s += time.perf_counter() - t0
         self._abandon()
-        self.averager._record(stats)
+        self.averager.record(stats)
         return stats
 
     def state_dict(self) -> dict:

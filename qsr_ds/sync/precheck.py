@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .topology import Topology
+from ..topology import Topology
 
 INT64_MIN = -(2**63)
 _LAYOUT, _STEP, _NONFINITE = 1, 2, 4

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from .topology import Topology
+from ..topology import Topology
 
 
 class ReplicaMPU:

@@ -17,7 +17,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .config import QSRConfigError
+from ..config import QSRConfigError
+from ..schedule import ScheduleError
 
 SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
 
@@ -188,11 +189,9 @@ def check_planned_rounds(ds_config: dict, qsr, source: str, *, base_lr: float | 
     QSR needs lr > 0 at every round start after warm-up; a scheduler that reaches 0 before
     qsr.total_steps (total_num_steps smaller than qsr.total_steps, WarmupLR from 0 with
     qsr.warmup_steps 0, ...) used to pass start-up and raise ScheduleError at that round.
-    Schedulers qsr_ds.lr does not reproduce, and runs of more than MAX_PLANNED_ROUNDS
+    Schedulers qsr_ds.planning.lr does not reproduce, and runs of more than MAX_PLANNED_ROUNDS
     rounds (the walk costs one step per round), are left to the per-round check.
     """
-    from .schedule import ScheduleError
-
     schedule = qsr.schedule()
     if schedule.effective_gamma is None or schedule.alpha == 0:
         return  # H does not depend on the learning rate

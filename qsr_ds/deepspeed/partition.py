@@ -32,9 +32,9 @@ import os
 import torch
 import torch.distributed as dist
 
-from .config import QSRConfigError, load as load_qsr_config
-from .ds_mpu import ReplicaMPU
-from .topology import Topology, check_divides
+from ..config import QSRConfigError, load as load_qsr_config
+from .mpu import ReplicaMPU
+from ..topology import Topology, check_divides
 
 _TOPOLOGIES: dict[tuple, tuple[object, Topology]] = {}
 """(world size, S, timeout) -> (the default group it was built in, the topology)."""

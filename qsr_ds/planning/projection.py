@@ -13,7 +13,7 @@ by one slow link (one replica per node, its S ranks on fast links inside):
   gradient bytes once per step; a fraction f of the step's compute can hide it (overlap
   with backward): step wall = t + max(0, c_dp - f t).
 * local methods (constant H, QSR, ...) all-reduce the averaged state once per round.
-  Compressed rounds (qsr_ds/compress.py) all-gather each replica's quantized row instead
+  Compressed rounds (qsr_ds/sync/compress.py) all-gather each replica's quantized row instead
   (bf16: 2 bytes per element; int8: 1 byte plus one fp32 scale per block), so a node
   sends (R-1) rows: the same bytes as the fp32 ring at R = 2 halved (bf16) or quartered
   (int8), less saving for larger R. A blocking round costs its time c; an overlapped round (tau >= 1)
@@ -30,7 +30,7 @@ import math
 import re
 from dataclasses import asdict, dataclass
 
-from .config import COMPRESS_ROUTES as ROUTES
+from ..config import COMPRESS_ROUTES as ROUTES
 
 COMPRESS = ("none", "bf16", "int8")
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp64": 8, "float64": 8}

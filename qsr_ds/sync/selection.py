@@ -7,7 +7,7 @@
                  optimizer state fields (Adam's moments, SGD's momentum_buffer), by name
 
 The engines whose state is not a module's own tensors (ZeRO's flat shards) use STATE_FIELDS
-to find the optimizer state of their fp32 tensors; see qsr_ds/ds_state.py.
+to find the optimizer state of their fp32 tensors; see qsr_ds/deepspeed/state.py.
 """
 from __future__ import annotations
 

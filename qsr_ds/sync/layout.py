@@ -52,6 +52,15 @@ def fingerprint(layout: Iterable[tuple]) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 62) - 1)
 
 
+def params_digest(named: Iterable[tuple[str, Tensor]]) -> str:
+    """sha256 of names, shapes and fp32 bytes: equal iff the tensors are bitwise equal (summaries, tests)."""
+    digest = hashlib.sha256()
+    for name, t in named:
+        digest.update(f"{name}:{tuple(t.shape)};".encode())
+        digest.update(t.detach().float().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def plan_buckets(named: Sequence[tuple[str, Tensor]], copies: Mapping[str, Tensor],
                  bucket_numel: int) -> tuple[list[Tensor], list[Bucket]]:
     """A round's layout: the contiguous fp32 tensors of at least half a bucket (without a model

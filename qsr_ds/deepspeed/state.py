@@ -22,7 +22,7 @@ DeepSpeed does after an optimizer step (inside the replica only):
 Optimizer state ("exp_avg", "exp_avg_sq", "momentum" in qsr.average) is looked up in the
 torch optimizer DeepSpeed wraps (engine.basic_optimizer), keyed by those fp32 tensors; under
 ZeRO 1-3 it is flat and partitioned like them, so it is all-reduced in place too.
-The DeepSpeed internals used here are listed at the top of qsr_ds/deepspeed.py.
+The DeepSpeed internals used here are listed at the top of qsr_ds/deepspeed/hook.py.
 """
 from __future__ import annotations
 
@@ -31,9 +31,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .layout import flatten_into_buffer, module_signature
-from .core import SyncPlan
-from .selection import optimizer_state_tensors
+from ..sync.layout import flatten_into_buffer, module_signature
+from ..sync.core import SyncPlan
+from ..sync.selection import optimizer_state_tensors
 
 
 class UnsupportedEngineError(NotImplementedError):
@@ -269,14 +269,3 @@ def full_fp32_params(engine) -> list[tuple[str, Tensor]]:
             raise UnsupportedEngineError(f"no fp32 master for parameter {name} (frozen under ZeRO {engine.zero_optimization_stage()}?)")
         out.append((name, full.detach().float().cpu()))
     return out
-
-
-def fingerprint(named: list[tuple[str, Tensor]]) -> str:
-    """sha256 of names, shapes and fp32 bytes: equal iff the parameters are bitwise equal."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, t in named:
-        digest.update(f"{name}:{tuple(t.shape)};".encode())
-        digest.update(t.detach().float().contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()

@@ -9,10 +9,10 @@ import math
 import os
 from typing import Callable
 
-from .config import QSRConfig, QSRConfigError, load, read_json
+from ..config import QSRConfig, QSRConfigError, load, read_json
 from .lr import lr_fn_from_deepspeed
 from .projection import CostInputs, ProjectionError, dtype_bytes, project, to_dict
-from .schedule import ScheduleError, SyncSchedule
+from ..schedule import ScheduleError, SyncSchedule
 
 LrFn = Callable[[int], float]
 

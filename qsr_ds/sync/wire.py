@@ -1,4 +1,4 @@
-"""The wire layout of compressed rounds (qsr_ds/compress.py): buckets, segments, rows.
+"""The wire layout of compressed rounds (qsr_ds/sync/compress.py): buckets, segments, rows.
 
 A bucket holds pieces: flat element ranges of the averaged tensors (a tensor larger than a
 bucket is cut at multiples of the int8 block, a non-contiguous one stays whole), so the

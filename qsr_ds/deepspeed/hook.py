@@ -9,7 +9,7 @@ gradient all-reduce and the ZeRO partitioning stay inside the replica exactly as
 QSR. The engine is the DeepSpeed engine (its class gains a small subclass): after every
 engine.step() that ends a gradient-accumulation boundary the schedule decides, and at a
 boundary rank k of every replica averages its fp32 shard with rank k of the others
-(qsr_ds/ds_state.py says which tensors per ZeRO stage). engine.qsr is the hook (tracker,
+(qsr_ds/deepspeed/state.py says which tensors per ZeRO stage). engine.qsr is the hook (tracker,
 totals, last round). Without a "qsr" section this is plain deepspeed.initialize.
 
 Batch size: DeepSpeed sees S data-parallel ranks, so train_batch_size in the JSON is per
@@ -44,20 +44,23 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
-from . import checkpoint as ckpt
-from . import ds_state
-from .config import QSRConfig, QSRConfigError, load as load_qsr_config, read_json
-from .core import SyncCore, SyncPlan
-from .ds_mpu import ReplicaMPU
-from .schedule import SyncTracker
-from .topology import Topology, check_divides
+from ..config import QSRConfig, QSRConfigError, load as load_qsr_config, read_json
+from ..planning.lr import check_planned_rounds
+from ..schedule import SyncTracker
+from ..sync import checkpoint as ckpt
+from ..sync.core import SyncCore, SyncPlan
+from ..topology import Topology, check_divides
+from . import checkpoint as ds_checkpoint
+from . import data as ds_data
+from . import state as ds_state
+from . import partition
+from .mpu import ReplicaMPU
 
 
 class QSRHook(SyncCore):
-    """The DeepSpeed adapter: averages ZeRO 0-3's fp32 shards (qsr_ds/ds_state.py) after engine.step().
+    """The DeepSpeed adapter: averages ZeRO 0-3's fp32 shards (qsr_ds/deepspeed/state.py) after engine.step().
 
     Every optimizer step the engine counts (engine.global_steps, which also advances for a
     step DeepSpeed skipped on NaN/Inf gradients, in every dtype) is counted here; the core
@@ -116,8 +119,6 @@ class _QSREngineMixin:
         not exact); False always writes every replica. The client state of a one-replica save
         is replica 0's, as plain DeepSpeed keeps data-parallel rank 0's.
         """
-        from . import ds_checkpoint
-
         client_state = dict(client_state or {})
         if "qsr" in client_state:
             raise KeyError('client_state key "qsr" is reserved for qsr-ds')
@@ -135,9 +136,7 @@ class _QSREngineMixin:
         writer = ckpt.source_replica(layout, topology.replica_index)
         directory = ckpt.replica_dir(save_dir, writer)
         os.makedirs(directory, exist_ok=True)
-        if tensors:
-            os.makedirs(os.path.join(directory, tag), exist_ok=True)
-            torch.save(tensors, _tensor_file(directory, tag, topology))
+        ckpt.write_tensor_state(os.path.join(directory, tag), topology, tensors)
         with ds_checkpoint.writes_discarded(self, writer != topology.replica_index):  # its collectives still run
             ok = super().save_checkpoint(directory, tag, client_state=client_state, save_latest=save_latest,
                                          exclude_frozen_parameters=exclude_frozen_parameters)
@@ -203,13 +202,8 @@ class _QSREngineMixin:
             ckpt.agree(error)
         # optimizer state tensors were replaced: the next round rebuilds its averager; a round saved in
         # flight and compression anchors come back from this rank's own file
-        tensors = _tensor_file(directory, tag, topology)
-        hook.load_qsr_tensor_state(torch.load(tensors, weights_only=True) if os.path.isfile(tensors) else {})
+        hook.load_qsr_tensor_state(ckpt.read_tensor_state(os.path.join(directory, tag), topology))
         return path, client_state
-
-
-def _tensor_file(directory: str, tag: str, topology: Topology) -> str:
-    return os.path.join(directory, tag, f"qsr_tensors.shard{topology.shard_rank}.pt")
 
 
 _ENGINE_CLASSES: dict[type, type] = {}
@@ -303,11 +297,9 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         if dist.get_rank() == 0:
             print("[qsr-ds] the mpu passed in has no model parallelism; DeepSpeed gets the replica mpu instead "
                   f"(data parallel = the {qsr.ranks_per_replica} ranks of a replica)", flush=True)
-    from . import ds_data, ds_zero_init
-
     # the topology qsr_ds.zero_init built the model's ZeRO-3 partitions over, if any; then refuse others
-    topology = ds_zero_init.shared_topology(qsr.ranks_per_replica, timeout_s=qsr.timeout_s)
-    ds_zero_init.check_partitions(model, topology, source)
+    topology = partition.shared_topology(qsr.ranks_per_replica, timeout_s=qsr.timeout_s)
+    partition.check_partitions(model, topology, source)
     engine, ds_optimizer, loader, scheduler = deepspeed.initialize(mpu=ReplicaMPU(topology), **kwargs)
     if engine.dp_world_size != qsr.ranks_per_replica:
         raise RuntimeError(
@@ -327,8 +319,6 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
 
 def _check_lr_schedule(ds_config: dict, qsr: QSRConfig, source: str, optimizer) -> None:
     """A scheduler whose lr hits 0 at a round start fails here, not at that round hours later."""
-    from .lr import check_planned_rounds
-
     groups = getattr(optimizer, "param_groups", None)
     base_lr = groups[0].get("lr") if groups and isinstance(groups[0].get("lr"), (int, float)) else None
     check_planned_rounds(ds_config, qsr, source, base_lr=base_lr)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
 
-from .config import QSRConfigError
+from ..config import QSRConfigError
 
 
 def world_sampler(dataset) -> DistributedSampler:

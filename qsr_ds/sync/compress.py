@@ -21,7 +21,7 @@ has a row of 2n (bf16) or n + 4k (int8) bytes, each segment padded to a multiple
 round; ``link_bytes_per_round`` is what the route puts on this rank's link.
 
 ``exchange`` runs the same round on given tensors (e.g. snapshots): it reads the sources and
-writes a' into given outputs. Overlapped rounds (qsr_ds/overlap.py) call
+writes a' into given outputs. Overlapped rounds (qsr_ds/sync/overlap.py) call
 ``reduce_corrections`` on their flat fp32 snapshot x_s: the round sends q(x_s - a + e) and
 leaves the correction a' - x_s in the snapshot, which the overlap adds to x tau steps later.
 """
@@ -35,8 +35,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .averager import ReplicaAverager, ReplicaCommError, RoundStats
-from .compress_wire import FP32_BYTES, WireBucket, plan_wire, row_views, view
-from .config import COMPRESS_ROUTES as ROUTES
+from .wire import FP32_BYTES, WireBucket, plan_wire, row_views, view
+from ..config import COMPRESS_ROUTES as ROUTES
 
 MODES = ("bf16", "int8")
 DEFAULT_BLOCK = 256
@@ -127,6 +127,11 @@ class CompressedAverager(ReplicaAverager):
         return sum(t.numel() * t.element_size() for bufs in self._wire_scratch.values()
                    for ts in bufs.values() for t in ts)
 
+    carries_anchors = True
+
+    def extra_bytes(self, *, overlapped: bool) -> int:
+        return self.peak_extra_bytes
+
     @property
     def peak_extra_bytes(self) -> int:
         """Memory this averager adds on this rank: anchors + residuals (+ owner residuals) + wire buffers."""
@@ -156,7 +161,7 @@ class CompressedAverager(ReplicaAverager):
         """
         if self.num_replicas == 1:
             stats = RoundStats(tensors=len(self.named), buckets=len(self.wire), lr=lr)
-            self._record(stats)
+            self.record(stats)
             return stats
         start = time.perf_counter()
         if verdict is None:
@@ -168,7 +173,7 @@ class CompressedAverager(ReplicaAverager):
         stats = self.exchange(live, live, copies=self.copy_of)
         stats.lr, stats.check_s = verdict.lr, verdict.wait_s
         stats.total_s = time.perf_counter() - start
-        self._record(stats)
+        self.record(stats)
         return stats
 
     @torch.no_grad()

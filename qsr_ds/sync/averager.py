@@ -1,6 +1,6 @@
 """Average this rank's tensors with the same rank of every other replica.
 
-A round: the pre-check (qsr_ds/precheck.py: two fixed-size all-reduces on layout
+A round: the pre-check (qsr_ds/sync/precheck.py: two fixed-size all-reduces on layout
 fingerprint, step count and a non-finite flag) so that every rank agrees to go on or raises
 the same error before anything is written; then large contiguous fp32 tensors are all-reduced in place (zero
 copy) and everything else is packed into fp32 buckets pre-scaled by 1/R, all-reduced
@@ -21,10 +21,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import precheck
-from .kernels import get_backend
+from ..kernels import get_backend
 from .layout import Bucket, fingerprint, layout_of, plan_buckets
 from .precheck import ReplicaCommError, ReplicaMismatchError, Verdict
-from .topology import Topology
+from ..topology import Topology
 
 FP32_BYTES = 4
 
@@ -149,6 +149,23 @@ class ReplicaAverager:
         """Peak extra memory of a round: at most two buckets per device."""
         return sum(FP32_BYTES * s.numel() for bufs in self._scratch.values() for s in bufs)
 
+    carries_anchors = False
+    """Whether the averager keeps per-tensor state between rounds (a compressed one's anchors and
+    residuals): then ``state_dict`` / ``load_state_dict`` carry it across a rebuild or a checkpoint."""
+
+    def extra_bytes(self, *, overlapped: bool) -> int:
+        """Bytes this averager holds beyond the engine's tensors. ``overlapped``: an overlapped round
+        lends its scratch to the blocking rounds (``lend_scratch``), so those count there, not here."""
+        return 0 if overlapped else self.scratch_bytes
+
+    def lend_scratch(self, device: torch.device, buffers: list[Tensor]) -> None:
+        """Blocking rounds on ``device`` use these buffers (an overlapped round's, while it is idle)."""
+        self._scratch[device] = buffers
+
+    def take_back_scratch(self, device: torch.device) -> None:
+        """The lender needs its buffers: a blocking round meanwhile allocates its own."""
+        self._scratch.pop(device, None)
+
     def _scratch_for(self, i: int, bucket: Bucket) -> Tensor:
         bufs = self._scratch.get(bucket.device)
         if bufs is None:
@@ -168,7 +185,7 @@ class ReplicaAverager:
         """
         stats = RoundStats(tensors=len(self.named), buckets=len(self.buckets), in_place=len(self.in_place), lr=lr)
         if self.num_replicas == 1:
-            self._record(stats)
+            self.record(stats)
             return stats
         start = time.perf_counter()
         round_no = self.totals.rounds + 1
@@ -189,7 +206,7 @@ class ReplicaAverager:
             ) from err
         stats.bytes = self.bytes_per_round
         stats.total_s = time.perf_counter() - start
-        self._record(stats)
+        self.record(stats)
         return stats
 
     def check(self, step: int | None = None, *, what: str = "replica check", lr: float | None = None,
@@ -198,7 +215,7 @@ class ReplicaAverager:
 
         Raises the same ReplicaMismatchError on every rank, or ReplicaCommError when a rank is gone;
         for collectives over the replica group other than a round (e.g. the start-up broadcast).
-        Returns replica 0's ``lr`` (see qsr_ds/precheck.py). ``scan=False`` leaves finiteness to
+        Returns replica 0's ``lr`` (see qsr_ds/sync/precheck.py). ``scan=False`` leaves finiteness to
         the round (``average`` hides the scan behind its first bucket; ``require_finite``).
         """
         if self.num_replicas == 1:
@@ -344,7 +361,8 @@ class ReplicaAverager:
         stats.comm_s += t1 - t0
         stats.unpack_s += time.perf_counter() - t1
 
-    def _record(self, stats: RoundStats) -> None:
+    def record(self, stats: RoundStats) -> None:
+        """Count a finished round (also one an OverlappedRound ran) in ``last`` and the totals."""
         self.last = stats
         self.totals.add(stats)
 
