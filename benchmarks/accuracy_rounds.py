@@ -6,14 +6,14 @@ would apply it on R ranks with S = 1 and the torch reference kernels:
 
 * exact, blocking: ReplicaAverager's sum of the pre-scaled fl(x_r / R) in replica order;
 * overlapped (tau >= 1): snapshot x_s of every replica at the boundary, the same mean of the
-  snapshots, and tau steps later x <- (mean(x_s) - x_s) + x (qsr_ds/overlap.py). A round
+  snapshots, and tau steps later x <- (mean(x_s) - x_s) + x (qsr_ds/sync/overlap.py). A round
   whose next H <= tau, and the last round, block (SyncCore._close_round);
-* compressed ("bf16" / "int8"): CompressedAverager's gather route (qsr_ds/compress.py): one
+* compressed ("bf16" / "int8"): CompressedAverager's gather route (qsr_ds/sync/compress.py): one
   anchor a (the same bits on every replica, so one tensor here), a residual e per replica,
   d = x - a + e quantized by ``ReferenceKernels.quantize`` into that replica's row, the rows
   dequantized and summed in fp32 in replica order by ``ReferenceKernels.dequantize``, which
   writes a' = a + sum / R into the anchor; every replica gets a'. Blocks of
-  ``qsr_ds.compress.DEFAULT_BLOCK`` elements from the buffer's first element.
+  ``qsr_ds.sync.compress.DEFAULT_BLOCK`` elements from the buffer's first element.
 
 Both compose: an overlapped compressed round quantizes the snapshots and its correction is
 a' - x_s. tests/dist/test_accuracy_sim.py checks all of it against LocalOptimizer on gloo ranks.
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from qsr_ds.compress import DEFAULT_BLOCK
+from qsr_ds.sync.compress import DEFAULT_BLOCK
 from qsr_ds.kernels.reference import ReferenceKernels
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -47,6 +46,9 @@ for _path in (ROOT, os.path.join(ROOT, "benchmarks")):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+from sync_round_common import fresh, gpt_shapes, machine  # noqa: E402
+from sync_round_link import link_section, run_link  # noqa: E402
+
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 REPORT = os.path.join(ROOT, "benchmarks", "sync_round.md")
 SIZES = {"25M": (512, 6, 8192), "100M": (768, 12, 16384)}  # d_model, layers, vocabulary
@@ -56,28 +58,13 @@ METHODS = ("allreduce_flat", "averager[torch]", "averager[cpp]", "averager[cpp] 
            f"averager[cpp] {SMALL_BUCKET_MB:g} MB buckets", "averager[flat]", "average_parameters")
 
 
-def gpt_shapes(d: int, layers: int, vocab: int, context: int = 1024) -> list[tuple[str, tuple]]:
-    shapes = [("wte", (vocab, d)), ("wpe", (context, d))]
-    for i in range(layers):
-        p = f"h{i}."
-        shapes += [(p + "ln1.w", (d,)), (p + "ln1.b", (d,)), (p + "qkv.w", (3 * d, d)), (p + "qkv.b", (3 * d,)),
-                   (p + "proj.w", (d, d)), (p + "proj.b", (d,)), (p + "ln2.w", (d,)), (p + "ln2.b", (d,)),
-                   (p + "fc.w", (4 * d, d)), (p + "fc.b", (4 * d,)), (p + "fc2.w", (d, 4 * d)), (p + "fc2.b", (d,))]
-    return shapes + [("ln_f.w", (d,)), ("ln_f.b", (d,))]
-
-
-def _fresh(shapes, seed: int) -> list[tuple[str, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [(n, torch.randn(s, generator=gen) * 0.02) for n, s in shapes]
-
-
 def _worker(rank: int, world_size: int, size: str, dims: tuple, dtype: str, warmup: int, repeats: int,
             bucket_mb: float) -> dict:
     import torch.distributed as dist
     from torch.distributed.algorithms.model_averaging.utils import average_parameters
 
-    from qsr_ds.averager import ReplicaAverager
-    from qsr_ds.layout import flatten_into_buffer
+    from qsr_ds.sync.averager import ReplicaAverager
+    from qsr_ds.sync.layout import flatten_into_buffer
     from qsr_ds.kernels import get_backend
     from qsr_ds.topology import Topology
 
@@ -85,7 +72,7 @@ def _worker(rank: int, world_size: int, size: str, dims: tuple, dtype: str, warm
     topo = Topology.create(1)
     group = topo.replica_group
     shapes = gpt_shapes(*dims)
-    named = _fresh(shapes, seed=rank)
+    named = fresh(shapes, seed=rank)
     params = sum(t.numel() for _, t in named)
     get_backend("cpp", torch.device("cpu"))  # build / load before any timing; fails loudly if unavailable
 
@@ -97,7 +84,7 @@ def _worker(rank: int, world_size: int, size: str, dims: tuple, dtype: str, warm
     if dtype == "fp32":
         for name, kernel, check, mb in variants:
             averagers[name] = ReplicaAverager(named, topology=topo, bucket_mb=mb, kernel=kernel, check_finite=check)
-        flat_named = _fresh(shapes, seed=rank)
+        flat_named = fresh(shapes, seed=rank)
         flat_buffer = flatten_into_buffer([t for _, t in flat_named])  # the parameters are views of it now
         averagers["averager[flat]"] = ReplicaAverager([("flat", flat_buffer)], topology=topo, bucket_mb=bucket_mb,
                                                       kernel="cpp")
@@ -158,7 +145,7 @@ def _quantile(xs: list[float], q: float) -> float:
 
 
 def run(sizes: dict, dtypes: list[str], warmup: int, repeats: int, bucket_mb: float) -> list[dict]:
-    from qsr_ds.testing import run_ranks
+    from tests.ranks import run_ranks
 
     rows = []
     for size, dims in sizes.items():
@@ -196,18 +183,6 @@ def run(sizes: dict, dtypes: list[str], warmup: int, repeats: int, bucket_mb: fl
                       f"cpu x{row['cpu_ratio_to_allreduce']:5.2f}", flush=True)
             print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
     return rows
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "loadavg_after_run": load}
 
 
 # ------------------------------------------------------------------------------ report
@@ -277,8 +252,6 @@ def write_report(result: dict | None, gpu: dict | None, out_dir: str, report: st
         "",
     ]
     if link:
-        from sync_round_link import link_section
-
         lines += [*link_section(link), ""]
     if result:
         lines += ["## Loopback: a memory-bound reference (not the target)", "",
@@ -398,8 +371,6 @@ def main(argv=None) -> dict:
         if result is None and not os.path.exists(link_path):
             raise SystemExit(f"--report-only: neither {path} nor {link_path} exists")
     elif args.link:
-        from sync_round_link import run_link
-
         link = run_link(args)
         previous = _load(link_path)
         if previous and args.out_dir == RESULTS:  # keep hand-written notes across re-runs

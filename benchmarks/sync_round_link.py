@@ -37,6 +37,8 @@ for path in (ROOT, HERE):
     if path not in sys.path:
         sys.path.insert(0, path)
 
+from sync_round_common import fresh, gpt_shapes, machine  # noqa: E402
+
 METHODS = ("allreduce_flat", "exact_round", "average_parameters", "compressed_bf16", "compressed_int8")
 DTYPES = ("fp32", "bf16")
 MASTER_PORT = 29731
@@ -51,8 +53,6 @@ COUNTER_AGREEMENT = (1.0, 1.08)
 
 def shapes_for(params: float, tensors: int) -> list[tuple[str, tuple]]:
     """GPT-shaped tensors, (tensors - 4) / 12 layers, d_model picked to give about ``params``."""
-    from sync_round import gpt_shapes
-
     layers, vocab, context = max(1, (tensors - 4) // 12), 8192, 1024
     a, b = 12 * layers, vocab + context + 13 * layers + 2
     d = int((-b + (b * b + 4 * a * params) ** 0.5) / (2 * a))
@@ -77,8 +77,8 @@ def _methods(named, dtype: str, topo, bucket_mb: float, kernel: str, seed: int):
     import torch.distributed as dist
     from torch.distributed.algorithms.model_averaging.utils import average_parameters
 
-    from qsr_ds.averager import ReplicaAverager
-    from qsr_ds.compress import CompressedAverager
+    from qsr_ds.sync.averager import ReplicaAverager
+    from qsr_ds.sync.compress import CompressedAverager
 
     group, r = topo.replica_group, topo.num_replicas
     copies = {n: t.to(torch.bfloat16) for n, t in named} if dtype == "bf16" else None
@@ -120,8 +120,6 @@ def worker(args: argparse.Namespace) -> None:
     from qsr_ds.kernels import get_backend
     from qsr_ds.topology import Topology
 
-    from sync_round import _fresh
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method="env://")
     rank = dist.get_rank()
@@ -132,7 +130,7 @@ def worker(args: argparse.Namespace) -> None:
     shapes = shapes_for(args.params, args.tensors)
     out = {"rank": rank, "tensors": len(shapes), "cells": {}}
     for dtype in DTYPES:
-        named = _fresh(shapes, seed=rank)
+        named = fresh(shapes, seed=rank)
         methods, prepare, averagers = _methods(named, dtype, topo, args.bucket_mb, args.kernel, rank)
         order = [m for m in METHODS if m in methods]
         cell = {m: {"seconds": [], "tx_bytes": [], "counted_bytes": [], "link_bytes": methods[m][2]} for m in order}
@@ -238,7 +236,6 @@ def _launch(link, gbit: float, port: int, args: argparse.Namespace, out: str) ->
 
 def run_link(args: argparse.Namespace) -> dict:
     from netns import SlowLink, available
-    from sync_round import machine
 
     why = available()
     if why:

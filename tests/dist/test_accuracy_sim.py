@@ -1,4 +1,4 @@
-"""benchmarks/accuracy.py simulates R replicas in one process; check it against the real path.
+"""benchmarks/accuracy_sim.py simulates R replicas in one process; check it against the real path.
 
 The same tiny config runs (a) through the benchmark's in-process simulation and (b) through
 qsr_ds.LocalOptimizer on R gloo ranks (S = 1, one replica per rank, torch reference
@@ -22,10 +22,10 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks import accuracy as acc
+from benchmarks import accuracy_sim as acc
 from qsr_ds import LocalOptimizer, Topology
-from qsr_ds.overlap import OverlapStats
-from qsr_ds.testing import run_ranks
+from qsr_ds.sync.overlap import OverlapStats
+from tests.ranks import run_ranks
 
 pytestmark = pytest.mark.timeout(120)
 

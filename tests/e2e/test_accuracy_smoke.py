@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from benchmarks.accuracy import METHODS, VARIANTS
+from benchmarks.accuracy_sim import METHODS, VARIANTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "benchmarks", "accuracy.py")
