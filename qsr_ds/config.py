@@ -19,10 +19,25 @@ AVERAGE_CHOICES = ("params", "buffers", "exp_avg", "exp_avg_sq", "momentum")
 KERNEL_CHOICES = ("auto", "triton", "cpp", "torch")
 COMPRESS_CHOICES = ("bf16", "int8")
 COMPRESS_ROUTES = ("gather", "owner")
+OUTER_OPTIMIZERS = ("sgd", "nesterov")
 
 
 class QSRConfigError(ValueError):
     """A "qsr" config section that cannot be used, with the key and file named."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class OuterSettings:
+    """The outer optimizer on the pseudo-gradient theta - mean_r(x_r) at every boundary (qsr_ds/sync/outer.py)."""
+
+    optimizer: str = "nesterov"
+    """sgd | nesterov: torch.optim.SGD's step (dampening 0), with Nesterov momentum or without."""
+    lr: float = 0.7
+    """Outer learning rate; sgd with lr 1 and momentum 0 is plain averaging, bit for bit."""
+    momentum: float = 0.9
+    """Outer momentum in [0, 1); nesterov needs it > 0."""
+    offload: bool = False
+    """Keep theta and the momentum buffer in (pinned) host memory instead of beside the shards."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +58,8 @@ class SyncSettings:
     """None (exact fp32 rounds), "bf16" or "int8": send deltas from the last average, error-fed back."""
     compress_route: str = "gather"
     """Compressed rows' route over the replica group: "gather" or "owner" (qsr_ds/sync/compress.py)."""
+    outer: OuterSettings | None = None
+    """The outer optimizer applied to the parameters at each boundary (None: plain averaging)."""
 
     @classmethod
     def from_config(cls, config: QSRConfig | None = None, **keywords) -> SyncSettings:
@@ -59,10 +76,17 @@ class SyncSettings:
             given["average"] = list(dict.fromkeys(("params", *given["average"])))
         _check_types(given, "keyword arguments")
         _check_values(given, "keyword arguments")
+        if "outer" in given:
+            given["outer"] = outer_settings(given["outer"], "keyword arguments")
         values = {key: getattr(config, key) for key in ROUND_KEYS} if config is not None else {}
         values.update(given)
         values["average"] = tuple(values.get("average", cls.average))
-        return cls(**values)
+        settings = cls(**values)
+        if settings.outer is not None and (settings.overlap_steps or settings.compress):
+            source = config.source if config is not None else "keyword arguments"
+            raise _fail(source, "outer", "the outer optimizer does not run with overlapped (overlap_steps) or "
+                                         "compressed (compress) rounds yet: use blocking exact rounds with it")
+        return settings
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,6 +127,9 @@ class QSRConfig:
     """How compressed rows cross the replicas: "gather" (all-gather every row; (R - 1) rows on each
     rank's link, best at small R) or "owner" (each replica sums and re-quantizes one segment, then
     all-gathers the result; about 2 (R - 1) / R rows, like an fp32 ring, for large R)."""
+    outer: OuterSettings | None = None
+    """{"optimizer": "sgd" | "nesterov", "lr", "momentum", "offload"}: an outer step on the pseudo-gradient
+    theta - mean_r(x_r) at every boundary (DiLoCo's, e.g. nesterov lr 0.7 momentum 0.9); None = plain averaging."""
     source: str = field(default="<dict>", compare=False)
     """Where the section came from, for error messages (not a config key)."""
 
@@ -138,6 +165,7 @@ class QSRConfig:
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source"}
         out["average"] = list(self.average)
+        out["outer"] = dataclasses.asdict(self.outer) if self.outer is not None else None
         return out
 
 
@@ -181,6 +209,31 @@ def _check_types(section: dict, source: str) -> None:
             isinstance(value, list) and all(isinstance(v, str) for v in value)
         ):
             raise _fail(source, key, f"expected a list of strings, got {value!r}")
+
+
+def outer_settings(value: Any, source: str) -> OuterSettings | None:
+    """The "outer" key checked (one QSRConfigError naming what is wrong) as OuterSettings; None stays None."""
+    if value is None or isinstance(value, OuterSettings):
+        return value
+    if not isinstance(value, dict):
+        raise _fail(source, "outer", f"expected an object like {{\"optimizer\": \"nesterov\", \"lr\": 0.7, "
+                                     f"\"momentum\": 0.9}} or null, got {type(value).__name__} {value!r}")
+    known = [f.name for f in dataclasses.fields(OuterSettings)]
+    for key in value:
+        if key not in known:
+            raise _fail(source, f"outer.{key}", f"unknown key; known keys: {', '.join(known)}")
+    settings = OuterSettings(**value)
+    if settings.optimizer not in OUTER_OPTIMIZERS:
+        raise _fail(source, "outer.optimizer", f"unknown optimizer {settings.optimizer!r}; expected sgd or nesterov")
+    if not _is_number(settings.lr) or not 0 < settings.lr < float("inf"):
+        raise _fail(source, "outer.lr", f"must be a finite number > 0, got {settings.lr!r}")
+    if not _is_number(settings.momentum) or not 0 <= settings.momentum < 1:
+        raise _fail(source, "outer.momentum", f"must be a number in [0, 1), got {settings.momentum!r}")
+    if settings.optimizer == "nesterov" and settings.momentum == 0:
+        raise _fail(source, "outer.momentum", "nesterov needs a momentum > 0 (use \"sgd\" for none)")
+    if not isinstance(settings.offload, bool):
+        raise _fail(source, "outer.offload", f"expected true or false, got {settings.offload!r}")
+    return dataclasses.replace(settings, lr=float(settings.lr), momentum=float(settings.momentum))
 
 
 def _check_values(section: dict, source: str) -> None:
@@ -238,11 +291,14 @@ def from_dict(section: Any, source: str = "<dict>") -> QSRConfig:
             values[key] = float(values[key])
     if values.get("gamma") is not None:
         values["gamma"] = float(values["gamma"])
+    if "outer" in values:
+        values["outer"] = outer_settings(values["outer"], source)
     config = QSRConfig(source=source, **values)
     try:
         config.schedule()
     except ScheduleError as err:
         raise QSRConfigError(f"{source}: qsr: {err}") from None
+    config.settings()  # the keys that only fail together
     return config
 
 

@@ -53,6 +53,7 @@ class LocalOptimizer(SyncCore):
         overlap_steps: int = 0,
         compress: str | None = None,
         compress_route: str = "gather",
+        outer: dict | None = None,
     ) -> None:
         self.optimizer = optimizer
         self.model = model
@@ -65,7 +66,8 @@ class LocalOptimizer(SyncCore):
         ):
             self.flat_params = flatten_into_buffer(params)
         settings = SyncSettings.from_config(average=average, bucket_mb=bucket_mb, kernel=kernel, check_finite=check_finite,
-                                            overlap_steps=overlap_steps, compress=compress, compress_route=compress_route)
+                                            overlap_steps=overlap_steps, compress=compress, compress_route=compress_route,
+                                            outer=outer)
         super().__init__(schedule=schedule, topology=topology, settings=settings)
         self.start_from_replica0()
 

@@ -57,7 +57,7 @@ class FSDPQSR(SyncCore):
     ``qsr`` is a QSRConfig (its round keys and timeout_s are used and its ranks_per_replica must
     equal the mesh's S) or a bare SyncSchedule. The round keywords are LocalOptimizer's
     (``average``, ``bucket_mb``, ``kernel``, ``check_finite``, ``overlap_steps``, ``compress``,
-    ``compress_route``); one that is not None replaces the QSRConfig's value. See the module
+    ``compress_route``, ``outer``); one that is not None replaces the QSRConfig's value. See the module
     docstring for how the LR of the next step is read. At construction every replica takes
     replica 0's local shards and buffers (as DDP starts from rank 0). Use as a context manager,
     or call ``close()``, to remove the hook.
@@ -79,6 +79,7 @@ class FSDPQSR(SyncCore):
         overlap_steps: int | None = None,
         compress: str | None = None,
         compress_route: str | None = None,
+        outer: dict | None = None,
     ) -> None:
         num_replicas, per_replica = check_mesh(mesh)
         check_sharded(model, mesh)
@@ -93,7 +94,7 @@ class FSDPQSR(SyncCore):
             raise TypeError(f"qsr must be a QSRConfig or a SyncSchedule, got {type(qsr).__name__}")
         settings = SyncSettings.from_config(config, average=average, bucket_mb=bucket_mb, kernel=kernel,
                                             check_finite=check_finite, overlap_steps=overlap_steps, compress=compress,
-                                            compress_route=compress_route)
+                                            compress_route=compress_route, outer=outer)
         self.model, self.optimizer, self.mesh, self.lr_scheduler = model, optimizer, mesh, lr_scheduler
         timeout_s = config.timeout_s if config is not None else 600.0
         super().__init__(schedule=schedule, topology=topology_of(mesh, timeout_s=timeout_s),

@@ -94,6 +94,7 @@ def build_plan(config: QSRConfig, lr_at: LrFn) -> dict:
         "max_h": max(h for _, h in rounds),
         "last_round_h": last_h,
         "last_round_start": last_start,
+        "outer": config.to_dict()["outer"],
         "phases": _phases(config, rounds, lr_at),
         "warnings": _warnings(config, lr_at),
     }
@@ -166,6 +167,9 @@ def format_plan(plan: dict) -> str:
         rule += f", alpha {plan['alpha']:g}, gamma {plan['gamma']:g}"
     if plan["switch_step"] is not None:
         rule += f", switch_step {plan['switch_step']:,}"
+    if plan.get("outer"):
+        outer = plan["outer"]
+        rule += f", outer {outer['optimizer']} lr {outer['lr']:g} momentum {outer['momentum']:g}"
     growth = plan["first_growth_step"]
     rows = [
         ("averaging rounds", f"{plan['rounds']:,}", ""),

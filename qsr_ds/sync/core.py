@@ -31,8 +31,10 @@ from ..topology import Topology
 from . import checkpoint
 from .averager import AveragerTotals, ReplicaAverager, RoundStats
 from .compress import CompressedAverager
+from .outer import OuterOptimizer
 from .overlap import OverlappedRound
 from .precheck import ReplicaMismatchError
+from .selection import is_parameter
 
 
 @dataclass
@@ -77,6 +79,8 @@ class SyncCore:
         self._saved_compression: dict | None = None  # anchors and residuals from a checkpoint, until the next round
         self._anchors_from_tensors = False
         self.last_round: RoundStats | None = None
+        self.outer = OuterOptimizer(settings.outer) if settings.outer is not None else None
+        """The outer optimizer's theta and momentum (qsr_ds/sync/outer.py), when settings.outer is set."""
         """The round the latest after_steps() ran, else None."""
 
     # -- what an adapter says -------------------------------------------------------------
@@ -108,8 +112,10 @@ class SyncCore:
         """Bytes this rank holds for its rounds beyond the engine's own state, as allocated now (0
         before the first round): the blocking round's scratch buckets, or an overlapped round's
         fp32 snapshot with its scratch (which the blocking rounds then share), plus a compressed
-        averager's anchors, residuals and wire buffers."""
+        averager's anchors, residuals and wire buffers, and the outer optimizer's theta and momentum
+        buffer (wherever they live: with ``offload`` in host memory)."""
         held = self.overlap.peak_extra_bytes if self.overlap is not None else 0
+        held += self.outer.bytes if self.outer is not None else 0
         if self.averager is None:
             return held
         return held + self.averager.extra_bytes(overlapped=self.overlap is not None)
@@ -193,8 +199,16 @@ class SyncCore:
 
     def _average_now(self, plan: SyncPlan, averager, step: int | None, verdict=None) -> RoundStats:
         stats = averager.average(step=step, lr=self.current_lr() if verdict is None else verdict.lr, verdict=verdict)
+        self._outer_step(plan)
         self._refresh(plan, stats)
         return stats
+
+    def _outer_step(self, plan: SyncPlan) -> None:
+        """The parameters hold mean_r(x_r): the outer optimizer turns them into its new theta."""
+        if self.outer is not None:
+            self.outer.step(_parameters(plan), plan.copies)
+            if self.num_replicas == 1:  # no round refreshed the engine's copies from the new values
+                plan.refresh()
 
     def _refresh(self, plan: SyncPlan, stats: RoundStats) -> None:
         if self.num_replicas == 1:
@@ -227,6 +241,7 @@ class SyncCore:
         plan = self.sync_plan()
         averager = self._averager_for(plan)
         stats = averager.average(step=self.tracker.completed_steps if step is None else step, lr=lr)
+        self._outer_step(plan)
         self._refresh(plan, stats)
         return stats
 
@@ -240,8 +255,12 @@ class SyncCore:
         mismatched sizes aborting the backend). Not counted as a round; replica 0 is left bit
         for bit as the engine made it.
         """
-        if self.num_replicas == 1:
-            return
+        if self.num_replicas > 1:
+            self._broadcast_from_replica0()
+        if self.outer is not None:  # theta: the weights every replica now shares
+            self.outer.set_theta(_parameters(self.sync_plan()))
+
+    def _broadcast_from_replica0(self) -> None:
         plan = self.broadcast_plan()
         ReplicaAverager(plan.tensors, topology=self.topology, kernel="torch", check_finite=False,
                         signature=plan.signature).check(what="start-up broadcast from replica 0")
@@ -275,12 +294,16 @@ class SyncCore:
         if self.averager is not None and self.averager.carries_anchors:
             state["compress"] = {k: ({n: t.detach().cpu().clone() for n, t in v.items()} if isinstance(v, dict) else v)
                                  for k, v in self.averager.state_dict().items()}
+        if self.outer is not None:
+            state["outer"] = self.outer.state_dict()
         return state
 
     def load_qsr_tensor_state(self, state: dict) -> None:
         """Restore qsr_tensor_state() after the engine's own tensors were loaded (and the QSR state)."""
         self.forget_tensors()
         self._saved_compression = state.get("compress")
+        if self.outer is not None:
+            self._load_outer(state.get("outer"))
         if state.get("overlap"):
             averager = self._averager_for(self.sync_plan())
             self._overlap_for(averager).load_state_dict(state["overlap"])
@@ -292,3 +315,22 @@ class SyncCore:
         self.averager = None
         self._averaged_key = None
         self.overlap = None
+
+    def _load_outer(self, saved: dict | None) -> None:
+        params = _parameters(self.sync_plan())
+        if saved is not None:
+            self.outer.load_state_dict(saved, params)
+            return
+        tracker = self.tracker
+        if tracker.completed_steps != tracker.round_start:
+            raise checkpoint.QSRCheckpointError(
+                f"the checkpoint holds no outer-optimizer state (theta) and was written mid-round (step "
+                f"{tracker.completed_steps}): theta cannot be recovered; resume from a checkpoint written with "
+                f"the outer optimizer, or from one written at a boundary")
+        self.outer.set_theta(params)  # at a boundary every replica holds theta
+
+
+def _parameters(plan: SyncPlan) -> list[tuple[str, Tensor]]:
+    """The plan's parameter tensors: those the outer optimizer steps."""
+    return [(name, t) for name, t in plan.tensors if is_parameter(name)]
+

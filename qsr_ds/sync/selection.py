@@ -11,6 +11,7 @@ to find the optimizer state of their fp32 tensors; see qsr_ds/deepspeed/state.py
 """
 from __future__ import annotations
 
+import re
 from typing import Callable, Iterable
 
 import torch
@@ -18,6 +19,20 @@ from torch import nn
 
 STATE_FIELDS = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", "momentum": "momentum_buffer"}
 """Entry of the "average" setting -> key in a torch optimizer's per-parameter state."""
+
+
+def is_parameter(name: str) -> bool:
+    """Whether a sync plan's tensor name is a parameter (an fp32 master or shard), not a buffer or optimizer state.
+
+    Engines name parameters "param:<name>", flat fp32 shards "<kind>.group<i>.fp32" / "zero3.sub<i>.fp32" /
+    "params.flat", their optimizer state "<that>:<field>" or "state:<name>:<field>", buffers "buffer:<name>";
+    a ZeRO 0 share appends "[j/S]".
+    """
+    base = re.sub(r"\[\d+/\d+\]$", "", name)
+    if base.startswith(("buffer:", "state:")):
+        return False
+    head, _, field = base.rpartition(":")
+    return not (head not in ("", "param") and field in STATE_FIELDS.values())
 
 
 def optimizer_state_tensors(

@@ -144,3 +144,35 @@ def test_sync_settings_come_one_way_from_a_config_and_keywords():
         SyncSettings.from_config(config, overlap_steps=1.5)
     with pytest.raises(QSRConfigError, match=r"qsr\.timeout_s: not a round setting"):
         SyncSettings.from_config(timeout_s=5.0)
+
+
+@pytest.mark.parametrize("outer,message", [
+    ({"optimizer": "adam"}, r"qsr\.outer\.optimizer: unknown optimizer 'adam'"),
+    ({"lr": 0}, r"qsr\.outer\.lr: must be a finite number > 0, got 0"),
+    ({"lr": float("nan")}, r"qsr\.outer\.lr: must be a finite number > 0"),
+    ({"momentum": 1.0}, r"qsr\.outer\.momentum: must be a number in \[0, 1\)"),
+    ({"momentum": -0.1}, r"qsr\.outer\.momentum: must be a number in \[0, 1\)"),
+    ({"optimizer": "nesterov", "momentum": 0.0}, r"qsr\.outer\.momentum: nesterov needs a momentum > 0"),
+    ({"optimizer": "sgd", "offload": "yes"}, r"qsr\.outer\.offload: expected true or false"),
+    ({"lrr": 0.7}, r"qsr\.outer\.lrr: unknown key"),
+    ([0.7], r"qsr\.outer: expected an object"),
+])
+def test_a_bad_outer_optimizer_is_one_clear_error(tmp_path, outer, message):
+    path = write(tmp_path, dict(GOOD, outer=outer))
+    with pytest.raises(QSRConfigError, match=message):
+        load(path)
+
+
+def test_the_outer_optimizer_reaches_the_settings_and_refuses_rounds_it_does_not_run_with(tmp_path):
+    from qsr_ds.config import OuterSettings, SyncSettings
+
+    config = from_dict(dict(GOOD, outer={"optimizer": "nesterov", "lr": 0.7, "momentum": 0.9}))
+    assert config.settings().outer == OuterSettings(optimizer="nesterov", lr=0.7, momentum=0.9)
+    assert config.to_dict()["outer"] == {"optimizer": "nesterov", "lr": 0.7, "momentum": 0.9, "offload": False}
+    assert from_dict(GOOD).settings().outer is None  # absent: plain averaging
+    assert SyncSettings.from_config(outer={"optimizer": "sgd", "lr": 1, "momentum": 0}).outer.lr == 1.0
+    path = write(tmp_path, dict(GOOD, outer={"optimizer": "sgd", "lr": 0.5, "momentum": 0.0}, compress="int8"))
+    with pytest.raises(QSRConfigError, match=r"qsr\.outer: the outer optimizer does not run with .*compress"):
+        load(path)
+    with pytest.raises(QSRConfigError, match=r"keyword arguments: qsr\.outer: .*overlap_steps"):
+        SyncSettings.from_config(overlap_steps=1, outer={"optimizer": "sgd", "lr": 0.5, "momentum": 0.0})
